@@ -1,0 +1,89 @@
+"""Pooled embeddings of every image a loader yields: the input of kNN, the fast probe and extract."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import MocohubError
+
+__all__ = ["PRECISIONS", "Embeddings", "autocast", "model_device", "embed_batch", "compute_embeddings"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Embeddings(NamedTuple):
+    """L2-normalised float32 features on the CPU, in loader order, with what identifies them."""
+
+    features: torch.Tensor  # [N, D]
+    labels: torch.Tensor  # [N] long, -1 for unlabelled folders
+    indices: torch.Tensor  # [N] long, positions in the dataset
+    failed: list[str]  # files that could not be decoded (skipped, not fatal)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for bf16/fp16, nothing for fp32: one switch for every evaluation loop."""
+    if precision not in PRECISIONS:
+        raise MocohubError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-free model)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def embed_batch(model: nn.Module, images: torch.Tensor, *, device: torch.device,
+                precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
+    """Normalised float32 CPU features of one batch; the caller sets eval mode and no_grad."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(device, precision):
+        out = model(images)
+    if out.ndim != 2:
+        raise MocohubError(f"the model returned features of shape {tuple(out.shape)}, not (N, D): "
+                           "use a pooled backbone (num_classes=0, features_only=False)")
+    return F.normalize(out.float(), dim=1).cpu()
+
+
+def compute_embeddings(model: nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
+                       precision: str = "fp32", channels_last: bool = False,
+                       progress: bool = False) -> Embeddings:
+    """Embed every batch of ``loader`` (``mocohub.data.folder.Batch`` items).
+
+    ``device`` defaults to the model's; the model is moved there when it differs and is put
+    in eval mode for the pass (BN running statistics, no dropout), then restored.
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    feats, labels, indices, failed = [], [], [], []
+    try:
+        with torch.inference_mode():
+            total = len(loader) if hasattr(loader, "__len__") else None
+            for batch in tqdm(loader, total=total, disable=not progress, desc="embed", unit="batch"):
+                failed.extend(batch.failed)
+                if batch.images is None:  # every image of the batch failed to decode
+                    continue
+                feats.append(embed_batch(model, batch.images, device=device,
+                                         precision=precision, channels_last=channels_last))
+                labels.append(batch.labels.long())
+                indices.append(batch.indices.long())
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise MocohubError(f"no image could be decoded ({len(failed)} failed, e.g. "
+                           f"{failed[0] if failed else 'none'}): check the image folder")
+    return Embeddings(torch.cat(feats), torch.cat(labels), torch.cat(indices), failed)

@@ -1,0 +1,77 @@
+"""Weighted kNN classification of embeddings, as the official MoCo CIFAR-10 demo and InstDisc."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..errors import MocohubError
+from .embeddings import Embeddings, compute_embeddings
+
+__all__ = ["knn_predict", "topk_accuracy", "knn_classify", "knn_evaluate"]
+
+
+def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+                k: int = 200, t: float = 0.1, *, chunk_size: int = 1024) -> torch.Tensor:
+    """Class scores [N, C]: each of the k most similar bank rows votes exp(sim / t) for its label.
+
+    ``query`` [N, D] and ``bank`` [M, D] are L2-normalised; queries are processed ``chunk_size``
+    at a time so the similarity matrix never exceeds chunk_size x M. k is clipped to M.
+    """
+    if bank.shape[0] == 0:
+        raise MocohubError("the kNN bank is empty: the train folder gave no embeddings")
+    k = min(k, bank.shape[0])
+    bank_labels = bank_labels.to(bank.device).long()
+    scores = []
+    for start in range(0, query.shape[0], chunk_size):
+        sim = query[start:start + chunk_size].to(bank.device) @ bank.T
+        sim_weight, sim_index = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=sim.dtype, device=sim.device)
+        votes.scatter_add_(1, bank_labels[sim_index], (sim_weight / t).exp())
+        scores.append(votes)
+    return torch.cat(scores) if scores else torch.zeros(0, num_classes, dtype=bank.dtype)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+    """Percent of rows whose label is among the top-k scores (k clipped to the class count)."""
+    ranked = scores.argsort(dim=1, descending=True)
+    hits = ranked == labels.view(-1, 1).to(ranked.device)
+    return [100.0 * hits[:, :min(k, scores.shape[1])].any(dim=1).float().mean().item() for k in ks]
+
+
+def knn_classify(train: Embeddings, val: Embeddings, num_classes: int, *, k: int = 200,
+                 t: float = 0.1) -> dict[str, Any]:
+    """kNN top-1/top-5 of ``val`` against the ``train`` bank (both labelled)."""
+    for name, emb in (("train", train), ("val", val)):
+        if emb.labels.numel() and int(emb.labels.min()) < 0:
+            raise MocohubError(f"the {name} images have no labels: kNN needs class sub-folders "
+                               "(DIR/<class>/<image>)")
+    scores = knn_predict(val.features, train.features, train.labels, num_classes, k=k, t=t)
+    top1, top5 = topk_accuracy(scores, val.labels)
+    return {"top1": top1, "top5": top5, "k": min(k, len(train.labels)), "t": t,
+            "num_train": len(train.labels), "num_val": len(val.labels),
+            "failed": train.failed + val.failed}
+
+
+def _num_classes(train_loader: Iterable, val_loader: Iterable, train: Embeddings) -> int:
+    """Class count from the datasets' ``classes`` (which must agree), else the largest label."""
+    train_classes = getattr(getattr(train_loader, "dataset", None), "classes", None)
+    val_classes = getattr(getattr(val_loader, "dataset", None), "classes", None)
+    if train_classes and val_classes and list(train_classes) != list(val_classes):
+        raise MocohubError(f"train and val folders have different classes ({len(train_classes)} vs "
+                           f"{len(val_classes)}, e.g. {sorted(set(train_classes) ^ set(val_classes))[:3]}): "
+                           "use the same class sub-folder names")
+    if train_classes:
+        return len(train_classes)
+    return int(train.labels.max()) + 1
+
+
+def knn_evaluate(model: nn.Module, train_loader: Iterable, val_loader: Iterable, *, k: int = 200,
+                 t: float = 0.1, device: torch.device | str | None = None, precision: str = "fp32",
+                 channels_last: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Embed both loaders with ``model`` and score val by weighted kNN on train (percent)."""
+    opts = dict(device=device, precision=precision, channels_last=channels_last, progress=progress)
+    train = compute_embeddings(model, train_loader, **opts)
+    val = compute_embeddings(model, val_loader, **opts)
+    return knn_classify(train, val, _num_classes(train_loader, val_loader, train), k=k, t=t)
