@@ -1,0 +1,95 @@
+"""MoCo v1/v2: a query encoder, its momentum copy, and a queue of negative keys.
+
+He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020;
+Chen et al., "Improved Baselines with Momentum Contrastive Learning" (v2: MLP head, T=0.2, aug+).
+Module and buffer names follow the official implementation, so its checkpoints load strictly.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backbones import create_resnet
+from .distributed import concat_all_gather, shuffle_across_ranks, unshuffle
+from .momentum import momentum_update_
+from .split_bn import convert_split_batchnorm
+
+__all__ = ["MoCo", "build_encoder"]
+
+
+def build_encoder(backbone: str | nn.Module, dim: int, mlp: bool, stem: str = "imagenet") -> nn.Module:
+    """A ResNet whose ``fc`` is the MoCo head: Linear(feat, dim), or feat-ReLU-dim with ``mlp`` (v2)."""
+    if isinstance(backbone, str):
+        encoder = create_resnet(backbone, num_classes=dim, stem=stem)
+    else:
+        encoder = backbone
+        fc = getattr(encoder, "fc", None)
+        features = fc.in_features if isinstance(fc, nn.Linear) else getattr(encoder, "num_features", None)
+        if fc is None or features is None:
+            raise ValueError("a backbone module needs the ResNet layout: an `fc` classifier "
+                             "(nn.Linear, or nn.Identity with a `num_features` attribute)")
+        encoder.fc = nn.Linear(features, dim)
+    if mlp:
+        hidden = encoder.fc.in_features
+        encoder.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), encoder.fc)
+    return encoder
+
+
+class MoCo(nn.Module):
+    """``loss = F.cross_entropy(*moco(im_q, im_k))``.
+
+    Args:
+        backbone: a ResNet name (timm/torchvision layout) or module with an ``fc`` layer.
+        dim: feature dimension of the keys; K: queue size; m: key-encoder momentum;
+        T: softmax temperature; mlp: 2-layer MLP head (MoCo v2).
+        stem: "cifar" for a 3x3 stride-1 stem without max-pool (32-px images).
+        bn_splits: BatchNorm statistics over this many sub-batches (Shuffle BN on one device).
+    """
+
+    def __init__(self, backbone: str | nn.Module = "resnet50", dim: int = 128, K: int = 65536,
+                 m: float = 0.999, T: float = 0.07, mlp: bool = False, *, stem: str = "imagenet",
+                 bn_splits: int = 1):
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.encoder_q = convert_split_batchnorm(build_encoder(backbone, dim, mlp, stem), bn_splits)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.encoder_k.requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        momentum_update_(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()), self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Write the keys of every rank at the pointer; index arithmetic stays on the device."""
+        keys = concat_all_gather(keys)
+        n = keys.shape[0]
+        if self.K % n:
+            raise ValueError(f"queue size K={self.K} must be divisible by the global batch size {n}")
+        slots = self.queue_ptr + torch.arange(n, device=keys.device)
+        self.queue.index_copy_(1, slots, keys.t())
+        self.queue_ptr.add_(n).remainder_(self.K)
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return InfoNCE logits (N x (1+K), positives in column 0) and their labels (zeros)."""
+        q = F.normalize(self.encoder_q(im_q).to(self.queue.dtype), dim=1)  # fp32 under autocast
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            im_k, inverse = shuffle_across_ranks(im_k)  # Shuffle BN
+            k = F.normalize(self.encoder_k(im_k).to(self.queue.dtype), dim=1)
+            k = unshuffle(k, inverse)
+        l_pos = (q * k).sum(dim=1, keepdim=True)
+        l_neg = q @ self.queue.clone().detach()
+        logits = torch.cat([l_pos, l_neg.to(l_pos.dtype)], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        self._dequeue_and_enqueue(k)
+        return logits, labels
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The query encoder without its MoCo head: what transfers downstream."""
+        return {k: v for k, v in self.encoder_q.state_dict().items() if not k.startswith("fc.")}

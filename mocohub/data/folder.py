@@ -1,0 +1,113 @@
+"""Any folder of images as a dataset: nested, mixed formats and modes, corrupt files survived."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, default_collate
+
+from ..errors import MocohubError
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "Batch", "collate_images", "load_rgb"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+MAX_SUBSTITUTES = 16
+
+
+class Batch(NamedTuple):
+    """A collated batch; ``failed`` names the files that could not be decoded for it."""
+
+    images: Any
+    labels: torch.Tensor
+    indices: torch.Tensor
+    failed: list[str]
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode fully (so truncation surfaces here, not later) and convert any mode to RGB,
+    as torchvision's ImageFolder loader does."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+class ImageFolder(Dataset):
+    """Images found recursively under ``root``; class labels from first-level sub-folders.
+
+    Labels exist when every image sits in a first-level sub-folder (the ImageNet layout);
+    otherwise every label is -1. Files with other extensions are listed in ``skipped``.
+    With ``on_error="substitute"`` (training) an undecodable image is replaced by the next
+    good one so batches keep their size; with ``"skip"`` (evaluation) it is dropped.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, *,
+                 on_error: str = "substitute", extensions: Sequence[str] = IMAGE_EXTENSIONS):
+        if on_error not in ("substitute", "skip"):
+            raise ValueError(f"on_error must be 'substitute' or 'skip', not {on_error!r}")
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise MocohubError(f"image folder {self.root} does not exist or is not a folder")
+        self.transform = transform
+        self.on_error = on_error
+        images, self.skipped = [], []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                path = os.path.join(dirpath, name)
+                (images if name.lower().endswith(tuple(extensions)) else self.skipped).append(path)
+        if not images:
+            raise MocohubError(f"no images found under {self.root} (looked for {', '.join(extensions)})")
+        rel = [Path(p).relative_to(self.root).parts for p in images]
+        labelled = all(len(parts) >= 2 for parts in rel)
+        self.classes = sorted({parts[0] for parts in rel}) if labelled else []
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.samples = [(p, index[parts[0]] if labelled else -1) for p, parts in zip(images, rel)]
+        if self.skipped:
+            warnings.warn(f"{len(self.skipped)} non-image file(s) under {self.root} ignored, "
+                          f"e.g. {self.skipped[0]}", stacklevel=2)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def _load(self, index: int):
+        path, label = self.samples[index]
+        image = load_rgb(path)
+        return (self.transform(image) if self.transform else image), label
+
+    def __getitem__(self, index: int):
+        """Return ``(image, label, index, failed_paths)``; image is None when skipped."""
+        failed = []
+        for attempt in range(MAX_SUBSTITUTES if self.on_error == "substitute" else 1):
+            i = (index + attempt) % len(self.samples)
+            try:
+                image, label = self._load(i)
+                return image, label, i, failed
+            except DECODE_ERRORS:
+                failed.append(self.samples[i][0])
+        if self.on_error == "skip":
+            return None, self.samples[index][1], index, failed
+        raise MocohubError(f"{MAX_SUBSTITUTES} consecutive images could not be decoded, "
+                           f"e.g. {failed[0]}: is {self.root} an image folder?")
+
+
+def collate_images(items: list[tuple]) -> Batch:
+    """Collate ``ImageFolder`` items, dropping skipped ones and gathering the failed paths."""
+    failed = [path for *_, paths in items for path in paths]
+    kept = [item for item in items if item[0] is not None]
+    if not kept:
+        return Batch(None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), failed)
+    images = default_collate([item[0] for item in kept])
+    labels = torch.tensor([item[1] for item in kept], dtype=torch.long)
+    indices = torch.tensor([item[2] for item in kept], dtype=torch.long)
+    return Batch(images, labels, indices, failed)

@@ -1,0 +1,142 @@
+"""The mocohub export format: ``model.safetensors`` + ``config.json`` in timm's Hub schema.
+
+One folder layout serves the trainer's export, ``save_pretrained``, the Hugging Face Hub and
+``timm.create_model("hf-hub:...")``. mocohub-only facts (stem, MoCo version, provenance) live under
+the ``"mocohub"`` key, which timm ignores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ..backbones import RESNET_ARCHS, create_resnet
+from .card import CARD_NAME, model_card
+
+__all__ = [
+    "CONFIG_NAME", "WEIGHTS_NAME", "IMAGENET_PRETRAINED_CFG", "pretrained_cfg_for",
+    "build_config", "build_model", "write_pretrained", "save_pretrained", "read_pretrained_dir",
+    "load_pretrained_dir",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The official linear evaluation: Resize(256) + CenterCrop(224), bilinear.
+IMAGENET_PRETRAINED_CFG: dict[str, Any] = {
+    "input_size": [3, 224, 224], "crop_pct": 0.875, "crop_mode": "center",
+    "interpolation": "bilinear", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+    "first_conv": "conv1", "classifier": "fc",
+}
+
+
+def pretrained_cfg_for(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict[str, Any]:
+    """Eval preprocessing for a model trained on ``image_size`` crops (small images: no crop)."""
+    cfg = dict(IMAGENET_PRETRAINED_CFG, mean=list(mean), std=list(std))
+    cfg["input_size"] = [3, image_size, image_size]
+    if image_size < 224:
+        cfg["crop_pct"] = 1.0
+    return cfg
+
+
+def build_config(arch: str, *, num_features: int, num_classes: int = 0, stem: str = "imagenet",
+                 pretrained_cfg: Mapping[str, Any] | None = None,
+                 meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A ``config.json`` dict that both timm and mocohub read."""
+    cfg = dict(pretrained_cfg or IMAGENET_PRETRAINED_CFG)
+    cfg["num_classes"] = num_classes
+    return {
+        "architecture": arch,
+        "num_classes": num_classes,
+        "num_features": num_features,
+        "global_pool": "avg",
+        "model_args": {},
+        "pretrained_cfg": cfg,
+        "mocohub": {"stem": stem, **(meta or {})},
+    }
+
+
+def build_model(config: Mapping[str, Any], **kwargs: Any) -> nn.Module:
+    """An untrained model shaped as ``config`` says, carrying its pretrained_cfg and config.
+
+    ``kwargs`` go to timm on top of ``model_args`` (e.g. ``drop_path_rate``).
+    """
+    arch, num_classes = config["architecture"], config.get("num_classes", 0)
+    model_args = {**config.get("model_args", {}), **kwargs}
+    if arch in RESNET_ARCHS:
+        model = create_resnet(arch, num_classes=num_classes,
+                              stem=config.get("mocohub", {}).get("stem", "imagenet"), **model_args)
+    else:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_args)
+    model.pretrained_cfg = dict(config.get("pretrained_cfg", IMAGENET_PRETRAINED_CFG))
+    model.mocohub_config = dict(config)
+    return model
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_pretrained(save_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
+                     config: Mapping[str, Any], *, repo_id: str | None = None) -> Path:
+    """Write weights, config and model card atomically (a crash never leaves a half-written file).
+
+    The weights go first, so a folder whose ``config.json`` exists has its weights too.
+    """
+    out = Path(save_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps(dict(config), indent=2) + "\n"
+    card = model_card(config, repo_id=repo_id)
+    _atomic_write(out / CARD_NAME, lambda p: Path(p).write_text(card))
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    return out
+
+
+def save_pretrained(model: nn.Module, save_dir: str | os.PathLike,
+                    config: Mapping[str, Any] | None = None, *, repo_id: str | None = None) -> Path:
+    """Save a backbone built by mocohub; ``config`` defaults to the one it carries."""
+    config = dict(config or getattr(model, "mocohub_config", None) or {})
+    if not config:
+        raise ValueError("model carries no mocohub config; pass config=build_config(...)")
+    config["num_classes"] = getattr(model, "num_classes", config.get("num_classes", 0))
+    config["pretrained_cfg"] = dict(getattr(model, "pretrained_cfg", config.get("pretrained_cfg", {})),
+                                    num_classes=config["num_classes"])
+    return write_pretrained(save_dir, model.state_dict(), config, repo_id=repo_id)
+
+
+def read_pretrained_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict and config of a folder written by ``write_pretrained``."""
+    folder = Path(path)
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{folder} is not a mocohub model folder: {f.name} is missing")
+    return load_file(weights_file), json.loads(config_file.read_text())
+
+
+def load_pretrained_dir(path: str | os.PathLike) -> nn.Module:
+    """Load a folder written by ``write_pretrained``; every weight must fit (strict)."""
+    state_dict, config = read_pretrained_dir(path)
+    model = build_model(config)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
