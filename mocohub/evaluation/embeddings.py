@@ -17,7 +17,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Embeddings(NamedTuple):
-    """L2-normalised float32 features on the CPU, in loader order, with what identifies them."""
+    """Float32 features on the CPU (L2-normalised by default), in loader order, with what
+    identifies them."""
 
     features: torch.Tensor  # [N, D]
     labels: torch.Tensor  # [N] long, -1 for unlabelled folders
@@ -41,9 +42,10 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def embed_batch(model: nn.Module, images: torch.Tensor, *, device: torch.device,
-                precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
-    """Normalised float32 CPU features of one batch; the caller sets eval mode and no_grad."""
+def embed_batch(model: nn.Module, images: torch.Tensor, *, device: torch.device, precision: str = "fp32",
+                channels_last: bool = False, normalize: bool = True) -> torch.Tensor:
+    """Float32 CPU features of one batch (L2-normalised unless ``normalize=False``, which a
+    linear head needs); the caller sets eval mode and no_grad."""
     images = images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -52,12 +54,13 @@ def embed_batch(model: nn.Module, images: torch.Tensor, *, device: torch.device,
     if out.ndim != 2:
         raise MocohubError(f"the model returned features of shape {tuple(out.shape)}, not (N, D): "
                            "use a pooled backbone (num_classes=0, features_only=False)")
-    return F.normalize(out.float(), dim=1).cpu()
+    out = out.float()
+    return (F.normalize(out, dim=1) if normalize else out).cpu()
 
 
 def compute_embeddings(model: nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
                        precision: str = "fp32", channels_last: bool = False,
-                       progress: bool = False) -> Embeddings:
+                       progress: bool = False, normalize: bool = True) -> Embeddings:
     """Embed every batch of ``loader`` (``mocohub.data.folder.Batch`` items).
 
     ``device`` defaults to the model's; the model is moved there when it differs and is put
@@ -78,7 +81,8 @@ def compute_embeddings(model: nn.Module, loader: Iterable, *, device: torch.devi
                 if batch.images is None:  # every image of the batch failed to decode
                     continue
                 feats.append(embed_batch(model, batch.images, device=device,
-                                         precision=precision, channels_last=channels_last))
+                                         precision=precision, channels_last=channels_last,
+                                         normalize=normalize))
                 labels.append(batch.labels.long())
                 indices.append(batch.indices.long())
     finally:
