@@ -11,7 +11,8 @@ from mocohub.evaluation.embeddings import Embeddings, compute_embeddings
 from mocohub.evaluation.linear import (
     fast_linear_probe, fit_linear_head, lr_at_epoch, new_linear_head, resolve_protocol, train_linear_head,
 )
-from mocohub.evaluation.transforms import data_config, eval_transform, train_transform
+from mocohub.evaluation.transforms import linear_cfg, train_transform
+from mocohub.zoo.transforms import transform_for
 from mocohub.zoo.pretrained import load_pretrained_dir
 
 
@@ -55,7 +56,7 @@ def folders(tmp_path_factory):
 
 def test_fast_probe_and_saved_classifier_round_trip(folders, tmp_path):
     model = tiny_resnet()
-    tf = eval_transform(data_config(model))
+    tf = transform_for(linear_cfg(model))
     train = compute_embeddings(model, _loader(folders[0], tf), normalize=False)
     val = compute_embeddings(model, _loader(folders[1], tf), normalize=False)
     head, metrics = fast_linear_probe(train, val, 3)
@@ -80,12 +81,12 @@ def test_fast_probe_holds_out_whole_images():
 def test_official_protocol_trains_only_the_head(folders):
     model = tiny_resnet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = data_config(model)
+    cfg = linear_cfg(model)
     assert len(next(iter(_loader(folders[0], train_transform(cfg)))).images) == 8  # RRC+flip runs
     epochs = []
     torch.manual_seed(0)  # random features of norm ~30: a small lr, and no augmentation to converge fast
     head, metrics = train_linear_head(
-        model, _loader(folders[0], eval_transform(cfg), shuffle=True), _loader(folders[1], eval_transform(cfg)), 3,
+        model, _loader(folders[0], transform_for(cfg), shuffle=True), _loader(folders[1], transform_for(cfg)), 3,
         resolve_protocol("v1", epochs=6, lr=0.003, milestones=(4,)), on_epoch=epochs.append)
     assert [m["epoch"] for m in epochs] == [1, 2, 3, 4, 5, 6] and epochs[4]["lr"] == pytest.approx(0.0003)
     assert metrics["top1"] == 100.0 and metrics["loss"] < epochs[0]["loss"]

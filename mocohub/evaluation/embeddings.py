@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from ..errors import MocohubError
 
-__all__ = ["PRECISIONS", "Embeddings", "autocast", "model_device", "embed_batch", "compute_embeddings"]
+__all__ = ["PRECISIONS", "Embeddings", "autocast", "model_device", "embed_batch", "iter_embeddings",
+           "compute_embeddings"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -20,7 +21,7 @@ class Embeddings(NamedTuple):
     """Float32 features on the CPU (L2-normalised by default), in loader order, with what
     identifies them."""
 
-    features: torch.Tensor  # [N, D]
+    features: torch.Tensor | None  # [N, D]; None for a batch whose images all failed
     labels: torch.Tensor  # [N] long, -1 for unlabelled folders
     indices: torch.Tensor  # [N] long, positions in the dataset
     failed: list[str]  # files that could not be decoded (skipped, not fatal)
@@ -58,13 +59,13 @@ def embed_batch(model: nn.Module, images: torch.Tensor, *, device: torch.device,
     return (F.normalize(out, dim=1) if normalize else out).cpu()
 
 
-def compute_embeddings(model: nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
-                       precision: str = "fp32", channels_last: bool = False,
-                       progress: bool = False, normalize: bool = True) -> Embeddings:
-    """Embed every batch of ``loader`` (``mocohub.data.folder.Batch`` items).
+def iter_embeddings(model: nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
+                    precision: str = "fp32", channels_last: bool = False,
+                    normalize: bool = True) -> Iterator[Embeddings]:
+    """Yield the embeddings of each batch (features None when every image of it failed).
 
     ``device`` defaults to the model's; the model is moved there when it differs and is put
-    in eval mode for the pass (BN running statistics, no dropout), then restored.
+    in eval mode while the generator runs (BN running statistics, no dropout), then restored.
     """
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
@@ -72,22 +73,30 @@ def compute_embeddings(model: nn.Module, loader: Iterable, *, device: torch.devi
         model.to(memory_format=torch.channels_last)
     was_training = model.training
     model.eval()
-    feats, labels, indices, failed = [], [], [], []
     try:
-        with torch.inference_mode():
-            total = len(loader) if hasattr(loader, "__len__") else None
-            for batch in tqdm(loader, total=total, disable=not progress, desc="embed", unit="batch"):
-                failed.extend(batch.failed)
-                if batch.images is None:  # every image of the batch failed to decode
-                    continue
-                feats.append(embed_batch(model, batch.images, device=device,
-                                         precision=precision, channels_last=channels_last,
-                                         normalize=normalize))
-                labels.append(batch.labels.long())
-                indices.append(batch.indices.long())
+        for batch in loader:
+            if batch.images is None:
+                yield Embeddings(None, batch.labels, batch.indices, batch.failed)
+                continue
+            with torch.inference_mode():
+                feats = embed_batch(model, batch.images, device=device, precision=precision,
+                                    channels_last=channels_last, normalize=normalize)
+            yield Embeddings(feats, batch.labels.long(), batch.indices.long(), batch.failed)
     finally:
         model.train(was_training)
-    if not feats:
+
+
+def compute_embeddings(model: nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
+                       precision: str = "fp32", channels_last: bool = False,
+                       progress: bool = False, normalize: bool = True) -> Embeddings:
+    """Embed every batch of ``loader`` (``mocohub.data.folder.Batch`` items) into one Embeddings."""
+    total = len(loader) if hasattr(loader, "__len__") else None
+    batches = tqdm(loader, total=total, disable=not progress, desc="embed", unit="batch")
+    parts = list(iter_embeddings(model, batches, device=device, precision=precision,
+                                 channels_last=channels_last, normalize=normalize))
+    failed = [path for part in parts for path in part.failed]
+    parts = [part for part in parts if part.features is not None]
+    if not parts:
         raise MocohubError(f"no image could be decoded ({len(failed)} failed, e.g. "
                            f"{failed[0] if failed else 'none'}): check the image folder")
-    return Embeddings(torch.cat(feats), torch.cat(labels), torch.cat(indices), failed)
+    return Embeddings(*(torch.cat(t) for t in zip(*(p[:3] for p in parts))), failed)

@@ -1,39 +1,34 @@
 """Linear-evaluation preprocessing sized from the model's pretrained_cfg, so 32-px models work."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch.nn as nn
-from timm.data import create_transform, resolve_data_config
+from timm.data import resolve_data_config
 from torchvision import transforms as T
 
-__all__ = ["data_config", "eval_transform", "train_transform"]
+__all__ = ["linear_cfg", "train_transform"]
 
 
-def data_config(model: nn.Module, *, input_size: int | None = None,
-                crop_pct: float | None = None) -> dict[str, Any]:
-    """timm's data config of ``model`` (mean, std, input_size, crop_pct, interpolation), with overrides."""
-    overrides: dict[str, Any] = {}
+def linear_cfg(model: nn.Module, *, input_size: int | None = None,
+               crop_pct: float | None = None) -> dict[str, Any]:
+    """The model's pretrained_cfg with the crop size and crop fraction optionally replaced;
+    ``mocohub.transform_for(cfg)`` gives the matching val transform (Resize + CenterCrop)."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if input_size is not None:
-        overrides["input_size"] = (3, input_size, input_size)
+        cfg["input_size"] = [3, input_size, input_size]
     if crop_pct is not None:
-        overrides["crop_pct"] = crop_pct
-    return resolve_data_config(overrides, model=model)
+        cfg["crop_pct"] = crop_pct
+    return cfg
 
 
-def eval_transform(config: dict[str, Any]) -> Callable:
-    """Resize(size / crop_pct) + CenterCrop(size) + normalise: the official val transform."""
-    return create_transform(**config, is_training=False)
-
-
-def train_transform(config: dict[str, Any]) -> Callable:
+def train_transform(cfg: Mapping[str, Any]) -> Callable:
     """RandomResizedCrop + horizontal flip + normalise: the official linear-eval train transform
     (timm's training transform would add colour jitter, which the protocol does not use)."""
-    size = config["input_size"][-1]
-    interpolation = T.InterpolationMode(config.get("interpolation", "bilinear"))
+    data = resolve_data_config(pretrained_cfg=dict(cfg))
     return T.Compose([
-        T.RandomResizedCrop(size, interpolation=interpolation),
+        T.RandomResizedCrop(data["input_size"][-1], interpolation=T.InterpolationMode(data["interpolation"])),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
-        T.Normalize(config["mean"], config["std"]),
+        T.Normalize(data["mean"], data["std"]),
     ])
