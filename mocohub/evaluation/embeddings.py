@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..errors import MocohubError
 
 __all__ = ["PRECISIONS", "Embeddings", "autocast", "model_device", "embed_batch", "iter_embeddings",
-           "compute_embeddings"]
+           "compute_embeddings", "concat_embeddings"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -99,4 +99,9 @@ def compute_embeddings(model: nn.Module, loader: Iterable, *, device: torch.devi
     if not parts:
         raise MocohubError(f"no image could be decoded ({len(failed)} failed, e.g. "
                            f"{failed[0] if failed else 'none'}): check the image folder")
-    return Embeddings(*(torch.cat(t) for t in zip(*(p[:3] for p in parts))), failed)
+    return concat_embeddings(parts)._replace(failed=failed)
+
+
+def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
+    """One Embeddings from several (e.g. batches, or augmented copies of a train set)."""
+    return Embeddings(*(torch.cat(t) for t in zip(*(p[:3] for p in parts))), [f for p in parts for f in p.failed])
