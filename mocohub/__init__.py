@@ -1,7 +1,9 @@
 """mocohub: Momentum Contrast (MoCo v1/v2/v3) training and model zoo."""
 from .algorithm import MoCo
 from .errors import MocohubError
+from .zoo import from_pretrained, list_models, model_info, push_to_hub, save_pretrained, transform_for
 
 __version__ = "0.1.0"
 
-__all__ = ["MoCo", "MocohubError", "__version__"]
+__all__ = ["MoCo", "MocohubError", "from_pretrained", "list_models", "model_info", "push_to_hub", "save_pretrained",
+           "transform_for", "__version__"]

@@ -1,0 +1,62 @@
+"""``mocohub list`` (the model zoo as a table) and ``mocohub convert`` (any checkpoint -> export)."""
+from __future__ import annotations
+
+import argparse
+
+from ..zoo.hub import push_folder
+from ..zoo.loading import resolve_source
+from ..zoo.pretrained import write_pretrained
+from ..zoo.registry import ALIASES, REGISTRY, list_models
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    listing = subparsers.add_parser("list", help="list the MoCo model zoo",
+                                    description="The official MoCo checkpoints mocohub can load by name.")
+    listing.add_argument("pattern", nargs="?", help="shell-style filter, e.g. '*v3*'")
+    listing.add_argument("-v", "--verbose", action="store_true", help="print each model's full description")
+    listing.set_defaults(func=run)
+    convert = subparsers.add_parser(
+        "convert", help="turn a checkpoint into model.safetensors + config.json + README.md",
+        description="Convert any checkpoint mocohub reads (zoo name, URL, file, folder, hf-hub:) into a "
+                    "folder that mocohub, timm and the Hugging Face Hub load.")
+    convert.add_argument("source", metavar="SRC")
+    convert.add_argument("out_dir", metavar="OUT_DIR")
+    convert.add_argument("--push", metavar="REPO_ID", help="also upload the folder to this Hub repo")
+    convert.add_argument("--check-hash", metavar="ALGO:HEX", help="verify a download: sha256:<hex> or md5:<hex>")
+    convert.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    convert.set_defaults(func=run)
+
+
+def _table() -> str:
+    aliases = {target: alias for alias, target in ALIASES.items()}
+    rows = [("name", "arch", "moco", "epochs", "top-1", "licence", "hash", "alias")]
+    for e in REGISTRY.values():
+        rows.append((e.name, e.arch, e.moco_version, str(e.epochs), f"{e.top1:.1f}", e.license,
+                     e.hash or "none published", aliases.get(e.name, "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _list(args: argparse.Namespace) -> int:
+    names = list_models(args.pattern)
+    if args.verbose:
+        print("\n\n".join(f"{n}\n{REGISTRY[n].describe()}" for n in names))
+    else:
+        keep = {0} | {i + 1 for i, n in enumerate(REGISTRY) if n in names}
+        print("\n".join(line for i, line in enumerate(_table().splitlines()) if i in keep))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    backbone = resolve_source(args.source, check_hash=args.check_hash)
+    out = write_pretrained(args.out_dir, backbone.state_dict, backbone.config, repo_id=args.push)
+    print(f"{args.source} ({backbone.format}, {backbone.config['architecture']}) -> {out}")
+    if args.push:
+        print(f"pushed: {push_folder(out, args.push, private=args.private or None)}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return _list(args) if args.command == "list" else _convert(args)

@@ -1,0 +1,185 @@
+"""The one place that knows every checkpoint layout and turns it into a backbone state dict.
+
+Recognised (after dropping DataParallel's ``module.`` prefix):
+  * MoCo v1/v2 pre-training (``encoder_q.*``, maybe ``encoder_k.*``/``queue``): ``encoder_q`` minus fc,
+    exactly the official linear-evaluation rule; mocohub training checkpoints share this layout and
+    add a ``"mocohub"`` section with the run config;
+  * MoCo v3 pre-training (``base_encoder.*``, ``momentum_encoder.*``, ``predictor.*``): ``base_encoder``
+    minus its projector (ResNet ``fc``, ViT ``head``);
+  * linear-evaluation checkpoints and plain torchvision/timm state dicts: kept whole, with the
+    classifier when it is a single linear layer.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import timm
+import torch
+from safetensors.torch import load_file
+
+from ..backbones import RESNET_ARCHS
+from ..errors import MocohubError
+from .pretrained import IMAGENET_PRETRAINED_CFG, build_config, pretrained_cfg_for
+
+__all__ = ["Backbone", "read_checkpoint", "detect_format", "convert", "infer_resnet_arch"]
+
+StateDict = dict[str, torch.Tensor]
+
+# the query encoder of a pre-training checkpoint -> its format name
+_ENCODERS = {"encoder_q.": "moco-v1/v2", "base_encoder.": "moco-v3"}
+# (block type, blocks per stage, bottleneck width of layer1, groups) -> torchvision/timm name
+_RESNETS = {
+    ("basic", (2, 2, 2, 2), 64, 1): "resnet18",
+    ("basic", (3, 4, 6, 3), 64, 1): "resnet34",
+    ("bottleneck", (3, 4, 6, 3), 64, 1): "resnet50",
+    ("bottleneck", (3, 4, 23, 3), 64, 1): "resnet101",
+    ("bottleneck", (3, 8, 36, 3), 64, 1): "resnet152",
+    ("bottleneck", (3, 4, 6, 3), 128, 1): "wide_resnet50_2",
+    ("bottleneck", (3, 4, 23, 3), 128, 1): "wide_resnet101_2",
+    ("bottleneck", (3, 4, 6, 3), 128, 32): "resnext50_32x4d",
+    ("bottleneck", (3, 4, 23, 3), 256, 32): "resnext101_32x8d",
+}
+_VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
+_CONVERT_HINT = ("Load it yourself in an environment you trust, then re-save only the weights: "
+                 "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth'); "
+                 "then `mocohub convert weights.pth OUT_DIR` gives a safetensors export.")
+
+
+@dataclass
+class Backbone:
+    """Backbone weights plus the ``config.json`` that rebuilds their model.
+
+    ``config["num_classes"]`` is the size of the classifier kept in ``state_dict`` (0: none).
+    """
+
+    state_dict: StateDict
+    config: dict[str, Any]
+    format: str
+
+
+def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
+    """Read a ``.safetensors`` file or a torch checkpoint, never running pickled code."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        if not unsafe:
+            raise MocohubError(f"{path} is not a readable torch checkpoint ({type(e).__name__})") from e
+        raise MocohubError(
+            f"{path} needs more than tensors and plain containers to unpickle ({unsafe[0]}), and mocohub "
+            f"loads with weights_only=True so that a checkpoint cannot run code. {_CONVERT_HINT}") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise MocohubError(f"{path} is not a readable torch checkpoint ({e})") from e
+
+
+def _state_dict_of(obj: Mapping[str, Any]) -> StateDict:
+    for key in ("state_dict", "model"):
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise MocohubError(f"no weights found in the checkpoint (top-level keys: {', '.join(map(str, obj))})")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def detect_format(obj: Mapping[str, Any]) -> str:
+    """A short name for the checkpoint layout: moco-v1/v2, moco-v3, mocohub-checkpoint, state-dict."""
+    keys = _state_dict_of(obj)
+    for prefix, name in _ENCODERS.items():
+        if any(k.startswith(prefix) for k in keys):
+            return "mocohub-checkpoint" if isinstance(obj.get("mocohub"), Mapping) else name
+    return "linear-eval" if "best_acc1" in obj else "state-dict"
+
+
+def infer_resnet_arch(sd: Mapping[str, torch.Tensor]) -> str:
+    """The torchvision/timm ResNet name whose layout matches ``sd``."""
+    blocks = tuple(len({m.group(1) for k in sd if (m := re.match(rf"layer{i}\.(\d+)\.conv1\.weight$", k))})
+                   for i in range(1, 5))
+    kind = "bottleneck" if "layer1.0.conv3.weight" in sd else "basic"
+    conv2 = sd["layer1.0.conv2.weight"]
+    key = (kind, blocks, conv2.shape[0], conv2.shape[0] // conv2.shape[1])
+    if key not in _RESNETS:
+        raise MocohubError(f"unsupported ResNet layout {key}; supported: {', '.join(RESNET_ARCHS)}")
+    return _RESNETS[key]
+
+
+def _infer_vit_arch(sd: Mapping[str, torch.Tensor], moco_v3: bool) -> tuple[str, dict[str, Any]]:
+    dim = sd["cls_token"].shape[-1]
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    arch = f"vit_{_VIT_SIZES.get(dim, dim)}_patch{patch}_224"
+    if arch not in timm.list_models(arch):
+        raise MocohubError(f"unsupported ViT layout (embed dim {dim}, patch {patch}): no timm model {arch}")
+    # MoCo v3's ViTs all use 12 heads (timm's vit_small has 6); a plain state dict cannot tell.
+    return arch, ({"num_heads": 12} if moco_v3 else {})
+
+
+def _split_classifier(sd: StateDict, name: str) -> tuple[StateDict, int]:
+    """Keep a single linear classifier; drop anything else under ``name`` (a projection head)."""
+    head = {k for k in sd if k.startswith(f"{name}.")}
+    is_linear = head == {f"{name}.weight", f"{name}.bias"} and sd[f"{name}.weight"].ndim == 2
+    kept = {k: v for k, v in sd.items() if is_linear or k not in head}
+    return kept, (sd[f"{name}.weight"].shape[0] if is_linear else 0)
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) or value is None
+
+
+def convert(obj: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) -> Backbone:
+    """Turn any recognised checkpoint object into a backbone state dict and its config."""
+    fmt = detect_format(obj)
+    sd = _state_dict_of(obj)
+    prefix = next((p for p in _ENCODERS if any(k.startswith(p) for k in sd)), None)
+    run_config = obj.get("mocohub", {}).get("config", {}) if isinstance(obj.get("mocohub"), Mapping) else {}
+    info: dict[str, Any] = {"converted_from": fmt}
+    if prefix is not None:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if prefix == "encoder_q.":
+        info["moco_version"] = "v2" if "fc.0.weight" in sd else "v1" if "fc.weight" in sd else None
+    elif prefix == "base_encoder.":
+        info["moco_version"] = "v3"
+    if isinstance(obj.get("epoch"), int):
+        info["epochs"] = obj["epoch"]
+    info.update({k: v for k, v in run_config.items() if _plain(v)})
+    info.update(meta or {})
+
+    if "conv1.weight" in sd and "layer1.0.conv2.weight" in sd:
+        arch, model_args, classifier = infer_resnet_arch(sd), {}, "fc"
+        stem = "cifar" if sd["conv1.weight"].shape[-1] == 3 else "imagenet"
+        pcfg = dict(IMAGENET_PRETRAINED_CFG)
+    elif "cls_token" in sd and "blocks.0.attn.qkv.weight" in sd:
+        # MoCo v3 names its ViTs "vit_small"/"vit_base", in its linear-eval checkpoints too
+        moco_v3 = prefix == "base_encoder." or obj.get("arch") in ("vit_small", "vit_base")
+        arch, model_args = _infer_vit_arch(sd, moco_v3)
+        classifier, stem = "head", "imagenet"
+        pcfg = dict(IMAGENET_PRETRAINED_CFG, first_conv="patch_embed.proj", classifier="head")
+    else:
+        sample = ", ".join(list(sd)[:5])
+        raise MocohubError(f"unrecognised checkpoint layout (format {fmt}; first keys: {sample}); "
+                           "mocohub reads MoCo v1/v2/v3 checkpoints and ResNet/ViT state dicts")
+    if prefix is not None:  # a pre-training checkpoint: its fc/head is a projector, never a classifier
+        sd = {k: v for k, v in sd.items() if not k.startswith(f"{classifier}.")}
+    sd, num_classes = _split_classifier(sd, classifier)
+    if "image_size" in run_config:
+        pcfg = dict(pretrained_cfg_for(int(run_config["image_size"])), first_conv=pcfg["first_conv"],
+                    classifier=classifier)
+    config = build_config(arch, num_features=_num_features(sd),
+                          num_classes=num_classes, stem=stem, pretrained_cfg=pcfg, meta=info)
+    config["model_args"] = model_args
+    return Backbone(sd, config, fmt)
+
+
+def _num_features(sd: Mapping[str, torch.Tensor]) -> int:
+    """Width of the pooled features: the ViT embedding or the last ResNet block's output."""
+    if "cls_token" in sd:
+        return sd["cls_token"].shape[-1]
+    last = max(k for k in sd if re.match(r"layer4\.\d+\.bn\d\.weight$", k))
+    return sd[last].shape[0]

@@ -1,0 +1,74 @@
+"""The Hugging Face Hub door: ``hf-hub:org/repo[@revision]`` sources and ``push_to_hub``.
+
+Downloads go through huggingface_hub, so its cache, revisions and ``HF_HUB_OFFLINE`` all apply;
+a repo is a folder written by ``write_pretrained`` (the same files timm's ``hf-hub:`` loader reads).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch.nn as nn
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+
+from ..errors import MocohubError
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
+
+__all__ = ["HUB_PREFIX", "parse_hub_source", "download_hub_repo", "push_folder", "push_to_hub"]
+
+HUB_PREFIX = "hf-hub:"
+
+
+def parse_hub_source(source: str) -> tuple[str, str | None]:
+    """``"hf-hub:org/repo@rev"`` -> ``("org/repo", "rev")``."""
+    repo_id, _, revision = source.removeprefix(HUB_PREFIX).partition("@")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise MocohubError(f"bad Hub source {source!r}: expected 'hf-hub:org/repo' or 'hf-hub:org/repo@revision'")
+    return repo_id, revision or None
+
+
+def download_hub_repo(source: str) -> Path:
+    """The local snapshot folder holding the repo's ``config.json`` and ``model.safetensors``."""
+    repo_id, revision = parse_hub_source(source)
+    from .. import __version__
+
+    try:
+        paths = [hf_hub_download(repo_id, name, revision=revision, library_name="mocohub",
+                                 library_version=__version__) for name in (WEIGHTS_NAME, CONFIG_NAME)]
+    except RepositoryNotFoundError as e:
+        raise MocohubError(f"Hub repo {repo_id!r} not found (or private: log in with `hf auth login`)") from e
+    except RevisionNotFoundError as e:
+        raise MocohubError(f"Hub repo {repo_id!r} has no revision {revision!r}") from e
+    except EntryNotFoundError as e:
+        raise MocohubError(f"Hub repo {repo_id!r} is not a mocohub/timm model: it lacks "
+                           f"{WEIGHTS_NAME} or {CONFIG_NAME}") from e
+    except LocalEntryNotFoundError as e:
+        raise MocohubError(f"{source} is not in the local Hub cache and the Hub cannot be reached "
+                           "(offline mode or no network)") from e
+    except HfHubHTTPError as e:
+        raise MocohubError(f"Hub request for {source} failed: {e}") from e
+    return Path(paths[0]).parent
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = None,
+                private: bool | None = None, revision: str | None = None,
+                commit_message: str = "Upload MoCo backbone (mocohub)") -> str:
+    """Create ``repo_id`` if needed and upload an export folder; returns the commit URL."""
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                                 commit_message=commit_message)
+    except HfHubHTTPError as e:
+        raise MocohubError(f"push to Hub repo {repo_id!r} failed: {e}") from e
+    return info.commit_url
+
+
+def push_to_hub(model: nn.Module, repo_id: str, **kwargs) -> str:
+    """Publish a mocohub backbone: weights, timm config and model card, in one commit."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained(model, folder, repo_id=repo_id)
+        return push_folder(folder, repo_id, **kwargs)

@@ -1,0 +1,166 @@
+"""Every checkpoint layout mocohub recognises loads into the backbone the official rules give."""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import mocohub
+from mocohub.backbones import create_resnet
+from mocohub.errors import MocohubError
+from mocohub.zoo.formats import detect_format
+from mocohub.zoo.pretrained import build_config, write_pretrained
+
+from zoo_layouts import (features, linear_eval, moco_v1v2, moco_v3_resnet, moco_v3_vit, official_v1v2_backbone,
+                         official_v3_backbone, tv_resnet)
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory):
+    """Synthetic resnet18 checkpoints in each official layout, saved once per session."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    ckpts = {"v1": moco_v1v2(version="v1"), "v2": moco_v1v2(), "v2-cleaned": moco_v1v2(cleaned=True),
+             "v3": moco_v3_resnet()}
+    paths = {}
+    for name, ckpt in ckpts.items():
+        paths[name] = root / f"{name}.pth.tar"
+        torch.save(ckpt, paths[name])
+    return ckpts, paths
+
+
+@pytest.mark.parametrize("name,fmt,version", [("v1", "moco-v1/v2", "v1"), ("v2", "moco-v1/v2", "v2"),
+                                              ("v2-cleaned", "moco-v1/v2", "v2")])
+def test_moco_v1_v2_match_official_linear_eval_loading(saved, name, fmt, version):
+    ckpts, paths = saved
+    model = mocohub.from_pretrained(paths[name])
+    assert detect_format(ckpts[name]) == fmt
+    assert model.mocohub_config["mocohub"]["moco_version"] == version
+    assert model.num_classes == 0 and model.num_features == 512 and not model.training
+    assert torch.equal(features(model), features(official_v1v2_backbone(ckpts[name], "resnet18")))
+
+
+def test_moco_v3_resnet_drops_projector_and_predictor(saved):
+    ckpts, paths = saved
+    model = mocohub.from_pretrained(paths["v3"])
+    assert detect_format(ckpts["v3"]) == "moco-v3"
+    assert not any(k.startswith("fc.") for k in model.state_dict())
+    assert torch.equal(features(model), features(official_v3_backbone(ckpts["v3"], "resnet18")))
+
+
+def test_moco_v3_vit_small_has_12_heads(tmp_path):
+    ckpt, reference = moco_v3_vit("vit_small")
+    torch.save(ckpt, tmp_path / "vit-s.pth.tar")
+    model = mocohub.from_pretrained(tmp_path / "vit-s.pth.tar")
+    assert model.blocks[0].attn.num_heads == 12 and model.num_features == 384
+    assert model.pretrained_cfg["classifier"] == "head"
+    assert torch.equal(features(model, size=224), features(reference, size=224))
+
+
+def test_linear_eval_checkpoint_classifier_kept_dropped_or_replaced(tmp_path):
+    ckpt, reference = linear_eval(num_classes=10)
+    torch.save(ckpt, tmp_path / "lincls.pth.tar")
+    assert detect_format(ckpt) == "linear-eval"
+    kept = mocohub.from_pretrained(tmp_path / "lincls.pth.tar", num_classes=None)
+    assert kept.num_classes == 10 and torch.equal(features(kept), features(reference))
+    same = mocohub.from_pretrained(tmp_path / "lincls.pth.tar", num_classes=10)
+    assert torch.equal(same.fc.weight, reference.fc.weight)
+    pooled = mocohub.from_pretrained(tmp_path / "lincls.pth.tar")
+    reference.fc = nn.Identity()
+    assert pooled.num_classes == 0 and torch.equal(features(pooled), features(reference))
+    fresh = mocohub.from_pretrained(tmp_path / "lincls.pth.tar", num_classes=3)
+    assert fresh.fc.out_features == 3 and torch.equal(fresh.conv1.weight, reference.conv1.weight)
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_plain_state_dicts(tmp_path, library):
+    source = tv_resnet("resnet34") if library == "torchvision" else timm.create_model("resnet34")
+    torch.save(source.state_dict(), tmp_path / "plain.pth")
+    model = mocohub.from_pretrained(tmp_path / "plain.pth", num_classes=None)
+    assert model.mocohub_config["architecture"] == "resnet34" and model.num_classes == 1000
+    assert torch.equal(features(model), features(source.eval()))
+
+
+def _training_checkpoint(stem: str = "cifar") -> tuple[dict, nn.Module]:
+    """What the mocohub trainer writes: a v2 layout plus the run config under "mocohub"."""
+    encoder = create_resnet("resnet18", stem=stem)
+    head = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))
+    state = {f"module.encoder_q.{k}": v for k, v in encoder.state_dict().items()}
+    state |= {f"module.encoder_q.fc.{k}": v for k, v in head.state_dict().items()}
+    state |= {f"module.encoder_k.{k}": v + 1 for k, v in encoder.state_dict().items()}
+    state |= {"module.queue": torch.randn(128, 64), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
+    config = {"arch": "resnet18", "stem": stem, "recipe": "cifar10", "image_size": 32, "moco_version": "v2"}
+    return {"epoch": 3, "arch": "resnet18", "state_dict": state, "optimizer": {}, "mocohub": {"config": config}}, \
+        encoder.eval()
+
+
+def test_mocohub_training_checkpoint_and_run_folder(tmp_path):
+    ckpt, encoder = _training_checkpoint()
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(ckpt, run / "checkpoint.pth.tar")
+    assert detect_format(ckpt) == "mocohub-checkpoint"
+    model = mocohub.from_pretrained(run)
+    meta = model.mocohub_config["mocohub"]
+    assert meta["stem"] == "cifar" and meta["recipe"] == "cifar10" and meta["epochs"] == 3
+    assert model.pretrained_cfg["input_size"] == [3, 32, 32]
+    assert torch.equal(features(model, size=32), features(encoder, size=32))
+    # an export in RUN_DIR/backbone wins over the checkpoint
+    other = create_resnet("resnet18", stem="cifar").eval()
+    write_pretrained(run / "backbone", other.state_dict(), build_config("resnet18", num_features=512, stem="cifar"))
+    assert torch.equal(features(mocohub.from_pretrained(run), size=32), features(other, size=32))
+
+
+def test_features_only_with_cifar_stem_and_out_indices(tmp_path):
+    ckpt, encoder = _training_checkpoint()
+    torch.save(ckpt, tmp_path / "ckpt.pth.tar")
+    feats = mocohub.from_pretrained(tmp_path / "ckpt.pth.tar", features_only=True, out_indices=(1, 4))
+    assert feats.feature_info.channels() == [64, 512] and feats.feature_info.reduction() == [1, 8]
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        low, high = feats(x)
+        assert torch.equal(high, encoder.forward_features(x)) and low.shape[-1] == 32
+    with pytest.raises(MocohubError, match="out_indices"):
+        mocohub.from_pretrained(tmp_path / "ckpt.pth.tar", features_only=True, out_indices=(7,))
+
+
+def test_eval_transform_comes_from_pretrained_cfg(saved):
+    model = mocohub.from_pretrained(saved[1]["v2"])
+    names = [type(t).__name__ for t in model.eval_transform.transforms]
+    resize, crop = model.eval_transform.transforms[:2]
+    assert names[:2] == ["Resize", "CenterCrop"] and resize.size == 256 and tuple(crop.size) == (224, 224)
+    assert repr(mocohub.transform_for(model)) == repr(model.eval_transform)
+
+
+def test_unsafe_pickle_is_refused_with_a_way_out(tmp_path):
+    torch.save({"state_dict": tv_resnet().state_dict(), "args": argparse.Namespace(lr=0.03)}, tmp_path / "unsafe.pth")
+    with pytest.raises(MocohubError, match=r"argparse.Namespace.*weights_only=True.*mocohub convert"):
+        mocohub.from_pretrained(tmp_path / "unsafe.pth")
+
+
+def test_user_errors_are_mocohub_errors(tmp_path):
+    with pytest.raises(MocohubError, match="Did you mean 'moco-v2-r50-800ep'.*moco-v1-r50-200ep"):
+        mocohub.from_pretrained("moco-v2-r50-800")
+    with pytest.raises(MocohubError, match="no such file"):
+        mocohub.from_pretrained(tmp_path / "missing.pth.tar")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(MocohubError, match="not a readable torch checkpoint"):
+        mocohub.from_pretrained(tmp_path / "garbage.pth")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "odd.pth")
+    with pytest.raises(MocohubError, match="unrecognised checkpoint layout"):
+        mocohub.from_pretrained(tmp_path / "odd.pth")
+
+
+def test_save_pretrained_round_trip_with_model_card(saved, tmp_path):
+    model = mocohub.from_pretrained(saved[1]["v2"])
+    mocohub.save_pretrained(model, tmp_path / "export")
+    assert {p.name for p in (tmp_path / "export").iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm\n") and "moco-v2" in card
+    again = mocohub.from_pretrained(tmp_path / "export")
+    assert torch.equal(features(again), features(model))
+    assert again.mocohub_config["mocohub"] == copy.deepcopy(model.mocohub_config["mocohub"])
