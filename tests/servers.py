@@ -48,17 +48,26 @@ class _Server:
 
 
 class FileServer(_Server):
-    """Serves ``root`` read-only; ``requests`` counts GETs per path (to prove caching)."""
+    """Serves ``root`` read-only; ``requests`` counts GETs per path (to prove caching); paths in
+    ``truncate`` announce their full length but the connection drops halfway through."""
 
     def __init__(self, root: str | Path) -> None:
         self.requests: dict[str, int] = {}
+        self.truncate: set[str] = set()
         server = self
 
         class Handler(_Quiet, SimpleHTTPRequestHandler):
             def do_GET(self):
                 path = urllib.parse.urlparse(self.path).path
                 server.requests[path] = server.requests.get(path, 0) + 1
-                super().do_GET()
+                if path not in server.truncate:
+                    return super().do_GET()
+                body = (Path(self.directory) / path.lstrip("/")).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
 
         super().__init__(functools.partial(Handler, directory=str(root)))
 

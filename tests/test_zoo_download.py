@@ -1,0 +1,130 @@
+"""The URL door and the torch.hub door: real downloads from a loopback server into $TORCH_HOME."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mocohub
+from mocohub.errors import MocohubError
+from mocohub.zoo.registry import REGISTRY
+
+from servers import FileServer
+from zoo_layouts import features, moco_v1v2, official_v1v2_backbone
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ZOO_NAME = "moco-v2-r50-800ep"
+
+
+def _digest(path: Path, algo: str) -> str:
+    return hashlib.new(algo, path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def zoo_site(tmp_path_factory):
+    """A stand-in for dl.fbaipublicfiles.com holding a synthetic MoCo v2 R-50 and a resnet18 one."""
+    root = tmp_path_factory.mktemp("zoo_site")
+    ckpt = moco_v1v2("resnet50", cleaned=True)
+    target = root / REGISTRY[ZOO_NAME].path
+    target.parent.mkdir(parents=True)
+    torch.save(ckpt, target)
+    small = moco_v1v2("resnet18")
+    torch.save(small, root / "r18.pth.tar")
+    with FileServer(root) as server:
+        yield server, {"r50": (ckpt, target), "r18": (small, root / "r18.pth.tar")}
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch, zoo_site):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("MOCOHUB_ZOO_URL", zoo_site[0].url)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.fixture
+def our_hash(monkeypatch, zoo_site):
+    """Point the registry's md5 prefix at the synthetic file (the real one cannot match it)."""
+    md5 = _digest(zoo_site[1]["r50"][1], "md5")
+    monkeypatch.setitem(REGISTRY, ZOO_NAME, dataclasses.replace(REGISTRY[ZOO_NAME], hash=f"md5:{md5[:8]}"))
+
+
+def _cache_listing(cache: Path) -> set[str]:
+    return {p.name for p in cache.iterdir()} if cache.exists() else set()
+
+
+def test_zoo_name_downloads_verifies_and_caches_safetensors(torch_home, zoo_site, our_hash, monkeypatch):
+    server, files = zoo_site
+    ckpt, target = files["r50"]
+    url_path = "/" + REGISTRY[ZOO_NAME].path
+    before = server.requests.get(url_path, 0)
+    model = mocohub.from_pretrained("moco-r50", progress=False)
+    assert model.num_features == 2048 and model.mocohub_config["mocohub"]["zoo_name"] == ZOO_NAME
+    expected = features(official_v1v2_backbone(ckpt, "resnet50"))
+    assert torch.equal(features(model), expected)
+    assert _cache_listing(torch_home) == {target.name, f"{target.name}.mocohub"}
+    assert server.requests[url_path] == before + 1
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("the second load must not unpickle")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    again = mocohub.from_pretrained(ZOO_NAME, progress=False)
+    assert torch.equal(features(again), expected) and server.requests[url_path] == before + 1
+
+
+def test_published_hash_mismatch_is_refused_and_not_cached(torch_home, zoo_site):
+    actual = _digest(zoo_site[1]["r50"][1], "md5")
+    with pytest.raises(MocohubError, match=f"md5 mismatch.*expected md5 a04e12f8, got md5 {actual}"):
+        mocohub.from_pretrained(ZOO_NAME, progress=False)
+    assert _cache_listing(torch_home) == set()
+
+
+def test_url_with_sha256_and_truncated_download(torch_home, zoo_site):
+    server, files = zoo_site
+    ckpt, path = files["r18"]
+    sha = _digest(path, "sha256")
+    model = mocohub.from_pretrained(f"{server.url}/r18.pth.tar", check_hash=f"sha256:{sha[:10]}", progress=False)
+    assert torch.equal(features(model), features(official_v1v2_backbone(ckpt, "resnet18")))
+
+    server.truncate.add("/r18-cut.pth.tar")
+    (path.parent / "r18-cut.pth.tar").write_bytes(path.read_bytes())
+    with pytest.raises(MocohubError, match=rf"truncated: got \d+ of \d+ bytes.*expected sha256 {sha}, got sha256 "):
+        mocohub.from_pretrained(f"{server.url}/r18-cut.pth.tar", check_hash=f"sha256:{sha}", progress=False)
+    assert "r18-cut.pth.tar" not in _cache_listing(torch_home)
+    assert not any(name.endswith(".partial") for name in _cache_listing(torch_home))
+
+
+def test_file_url(torch_home, zoo_site):
+    ckpt, path = zoo_site[1]["r18"]
+    model = mocohub.from_pretrained(path.as_uri(), progress=False)
+    assert torch.equal(features(model), features(official_v1v2_backbone(ckpt, "resnet18")))
+
+
+def test_two_processes_loading_at_once_leave_a_sound_cache(torch_home, zoo_site):
+    url = f"{zoo_site[0].url}/r18.pth.tar"
+    code = f"import mocohub; m = mocohub.from_pretrained({url!r}, progress=False); print(m.num_features)"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["512", "512"]
+    assert all(p.returncode == 0 for p in procs)
+    assert _cache_listing(torch_home) == {"r18.pth.tar", "r18.pth.tar.mocohub"}
+    assert _digest(torch_home / "r18.pth.tar", "sha256") == _digest(zoo_site[1]["r18"][1], "sha256")
+    assert mocohub.from_pretrained(url).num_features == 512  # and the cache reads back
+
+
+def test_torch_hub_load_local_entrypoint_with_served_weights(torch_home, zoo_site, our_hash):
+    ckpt, _ = zoo_site[1]["r50"]
+    model = torch.hub.load(str(REPO_ROOT), "moco_v2_800ep", source="local", pretrained=True, progress=False)
+    assert torch.equal(features(model), features(official_v1v2_backbone(ckpt, "resnet50")))
+    untrained = torch.hub.load(str(REPO_ROOT), "moco_v3_vit_s_300ep", source="local", pretrained=False)
+    assert untrained.blocks[0].attn.num_heads == 12 and untrained.num_classes == 0
+    generic = torch.hub.load(str(REPO_ROOT), "mocohub", f"{zoo_site[0].url}/r18.pth.tar", source="local",
+                             features_only=True, progress=False)
+    assert generic.feature_info.channels() == [64, 64, 128, 256, 512]
