@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..data.folder import ImageFolder, collate_images
 from ..errors import MocohubError
-from ..zoo.pretrained import _atomic_write
+from ..fileio import atomic_write
 from ..zoo.transforms import transform_for
 from .embeddings import iter_embeddings
 
@@ -65,7 +65,7 @@ def _prepare(out: Path, state: dict[str, Any], *, overwrite: bool, resume: bool)
                                "run; pass --overwrite to start over")
         return partial
     partial.mkdir(parents=True, exist_ok=True)
-    _atomic_write(partial / STATE_NAME, lambda p: Path(p).write_text(json.dumps(state, indent=1)))
+    atomic_write(partial / STATE_NAME, lambda p: Path(p).write_text(json.dumps(state, indent=1)))
     return partial
 
 
@@ -76,7 +76,7 @@ def _write_shard(path: Path, parts: list, failed: list[str]) -> None:
         "labels": torch.cat([p.labels for p in kept]) if kept else torch.zeros(0, dtype=torch.long),
         "indices": torch.cat([p.indices for p in kept]) if kept else torch.zeros(0, dtype=torch.long),
     }
-    _atomic_write(path, lambda p: save_file(tensors, p, metadata={"failed": json.dumps(failed)}))
+    atomic_write(path, lambda p: save_file(tensors, p, metadata={"failed": json.dumps(failed)}))
 
 
 def extract_embeddings(model: nn.Module, image_dir: str | os.PathLike, out: str | os.PathLike, *,
@@ -143,7 +143,7 @@ def _assemble(shards: list[Path], out: Path, paths: list[str], classes: list[str
                 "classes": json.dumps(classes),
                 "failed": json.dumps(failed)}
     tensors = {"embeddings": torch.cat(feats), "labels": torch.cat(labels)}
-    _atomic_write(out, lambda p: save_file(tensors, p, metadata=metadata))
+    atomic_write(out, lambda p: save_file(tensors, p, metadata=metadata))
 
 
 def load_embeddings(path: str | os.PathLike) -> Extracted:
