@@ -1,0 +1,109 @@
+"""The Hugging Face Hub door against a loopback stand-in of the Hub API (REFERENCE.md section 5).
+
+huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, at import, so each client runs in a
+fresh interpreter with its environment set.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mocohub
+from mocohub.zoo.pretrained import read_pretrained_dir
+
+from servers import HubServer
+from zoo_layouts import features, moco_v1v2
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+PRELUDE = """
+import torch, timm, mocohub
+torch.manual_seed(1)
+x = torch.randn(2, 3, 64, 64)
+def out(model):
+    with torch.no_grad():
+        return model.eval()(x)
+results = {}
+"""
+
+
+def run_client(code: str, tmp_path: Path, **env: str) -> dict:
+    """Run ``code`` in a fresh interpreter; it fills ``results`` (tensors or plain values)."""
+    result_file = tmp_path / "results.pt"
+    script = PRELUDE + code + f"\ntorch.save(results, {str(result_file)!r})\n"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # no token, no offline flag
+    environ.update(PYTHONPATH=str(REPO_ROOT), HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1", **env)
+    proc = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(result_file, weights_only=True)
+
+
+def _perturbed(state_dict: dict, tmp_path: Path) -> bytes:
+    """Other weights under the same names: a second commit to tell revisions apart."""
+    save_file({k: v + 0.5 if v.is_floating_point() else v for k, v in state_dict.items()}, tmp_path / "p.safetensors")
+    return (tmp_path / "p.safetensors").read_bytes()
+
+
+@pytest.fixture
+def export(tmp_path):
+    """A mocohub export (save_pretrained) of a synthetic MoCo v2 resnet18, and its reference output."""
+    torch.save(moco_v1v2("resnet18"), tmp_path / "v2.pth.tar")
+    model = mocohub.from_pretrained(tmp_path / "v2.pth.tar")
+    mocohub.save_pretrained(model, tmp_path / "export", repo_id="org/moco-r18")
+    return tmp_path / "export", features(model)
+
+
+def test_hub_repo_loads_in_mocohub_and_timm_then_offline(tmp_path, export):
+    folder, expected = export
+    with HubServer() as hub:
+        first = hub.add_folder("org/moco-r18", folder)
+        state_dict, _ = read_pretrained_dir(folder)
+        hub.commit("org/moco-r18", {"model.safetensors": _perturbed(state_dict, tmp_path)})
+        results = run_client(f"""
+results["mocohub"] = out(mocohub.from_pretrained("hf-hub:org/moco-r18"))
+results["timm"] = out(timm.create_model("hf-hub:org/moco-r18", pretrained=True))
+results["pinned"] = out(mocohub.from_pretrained("hf-hub:org/moco-r18@{first}"))
+try:
+    mocohub.from_pretrained("hf-hub:org/missing")
+except mocohub.MocohubError as e:
+    results["missing"] = str(e)
+""", tmp_path, HF_ENDPOINT=hub.url)
+    assert torch.equal(results["mocohub"], results["timm"])
+    assert not torch.equal(results["mocohub"], expected)  # main moved on to the second commit
+    assert torch.equal(results["pinned"], expected)
+    assert "org/missing" in results["missing"] and "not found" in results["missing"]
+    # the server is gone: offline mode answers from the cache
+    offline = run_client("""
+results["main"] = out(mocohub.from_pretrained("hf-hub:org/moco-r18"))
+results["timm"] = out(timm.create_model("hf-hub:org/moco-r18", pretrained=True))
+""", tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="1")
+    assert torch.equal(offline["main"], results["mocohub"]) and torch.equal(offline["timm"], results["timm"])
+
+
+def test_push_to_hub_and_convert_push_round_trip(tmp_path, export):
+    folder, expected = export
+    checkpoint = tmp_path / "v2.pth.tar"
+    with HubServer() as hub:
+        results = run_client(f"""
+model = mocohub.from_pretrained({str(folder)!r})
+results["url"] = mocohub.push_to_hub(model, "org/pushed")
+results["pushed"] = out(mocohub.from_pretrained("hf-hub:org/pushed"))
+from mocohub.cli.main import main
+results["rc"] = main(["convert", {str(checkpoint)!r}, {str(tmp_path / "converted")!r}, "--push", "org/converted"])
+results["converted"] = out(mocohub.from_pretrained("hf-hub:org/converted"))
+results["timm"] = out(timm.create_model("hf-hub:org/converted", pretrained=True))
+""", tmp_path, HF_ENDPOINT=hub.url)
+        card = hub.repos["org/converted"]["commits"][hub.repos["org/converted"]["refs"]["main"]]["README.md"]
+        config = json.loads(hub.repos["org/pushed"]["commits"][hub.repos["org/pushed"]["refs"]["main"]]["config.json"])
+    assert results["url"].startswith(f"{hub.url}/org/pushed/commit/") and results["rc"] == 0
+    for key in ("pushed", "converted", "timm"):
+        assert torch.equal(results[key], expected), key
+    assert b'hf-hub:org/converted' in card and not HubServer.validate_card(card.decode())
+    assert config["architecture"] == "resnet18" and config["num_classes"] == 0
