@@ -92,3 +92,15 @@ def test_official_protocol_trains_only_the_head(folders):
     assert metrics["top1"] == 100.0 and metrics["loss"] < epochs[0]["loss"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats too
     assert head.weight.shape == (3, 512)
+
+
+def test_transforms_follow_the_model_config_and_overrides():
+    from PIL import Image
+
+    model = tiny_resnet()  # a 16-px model
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    assert transform_for(linear_cfg(model))(image).shape == (3, 16, 16)
+    assert train_transform(linear_cfg(model))(image).shape == (3, 16, 16)
+    bigger = linear_cfg(model, input_size=24, crop_pct=0.5)
+    assert transform_for(bigger)(image).shape == (3, 24, 24) and train_transform(bigger)(image).shape == (3, 24, 24)
+    assert model.pretrained_cfg["input_size"] == [3, 16, 16]  # not modified
