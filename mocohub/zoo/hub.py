@@ -67,8 +67,10 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
     return info.commit_url
 
 
-def push_to_hub(model: nn.Module, repo_id: str, **kwargs) -> str:
+def push_to_hub(model: nn.Module, repo_id: str, *, token: str | None = None, private: bool | None = None,
+                revision: str | None = None, commit_message: str = "Upload MoCo backbone (mocohub)") -> str:
     """Publish a mocohub backbone: weights, timm config and model card, in one commit."""
     with tempfile.TemporaryDirectory() as folder:
         save_pretrained(model, folder, repo_id=repo_id)
-        return push_folder(folder, repo_id, **kwargs)
+        return push_folder(folder, repo_id, token=token, private=private, revision=revision,
+                           commit_message=commit_message)
