@@ -43,10 +43,13 @@ class ImageFolder(Dataset):
     otherwise every label is -1. Files with other extensions are listed in ``skipped``.
     With ``on_error="substitute"`` (training) an undecodable image is replaced by the next
     good one so batches keep their size; with ``"skip"`` (evaluation) it is dropped.
+    With a ``seed``, the random transform of sample i in epoch e draws from a generator seeded by
+    (seed, e, i): augmentations then do not depend on worker count, order or a resume.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None, *,
-                 on_error: str = "substitute", extensions: Sequence[str] = IMAGE_EXTENSIONS):
+                 on_error: str = "substitute", extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 seed: int | None = None):
         if on_error not in ("substitute", "skip"):
             raise ValueError(f"on_error must be 'substitute' or 'skip', not {on_error!r}")
         self.root = Path(root)
@@ -54,6 +57,7 @@ class ImageFolder(Dataset):
             raise MocohubError(f"image folder {self.root} does not exist or is not a folder")
         self.transform = transform
         self.on_error = on_error
+        self.seed, self.epoch = seed, 0
         images, self.skipped = [], []
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -80,10 +84,20 @@ class ImageFolder(Dataset):
     def targets(self) -> list[int]:
         return [label for _, label in self.samples]
 
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's augmentations (takes effect in DataLoader iterators made after it)."""
+        self.epoch = epoch
+
     def _load(self, index: int):
         path, label = self.samples[index]
         image = load_rgb(path)
-        return (self.transform(image) if self.transform else image), label
+        if self.transform is None:
+            return image, label
+        if self.seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=()):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            return self.transform(image), label
 
     def __getitem__(self, index: int):
         """Return ``(image, label, index, failed_paths)``; image is None when skipped."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ..fileio import atomic_write
 from ..backbones import RESNET_ARCHS, create_resnet
 from .card import CARD_NAME, model_card
 
@@ -82,19 +82,6 @@ def build_model(config: Mapping[str, Any], **kwargs: Any) -> nn.Module:
     return model
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_pretrained(save_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
                      config: Mapping[str, Any], *, repo_id: str | None = None) -> Path:
     """Write weights, config and model card atomically (a crash never leaves a half-written file).
@@ -104,11 +91,11 @@ def write_pretrained(save_dir: str | os.PathLike, state_dict: Mapping[str, torch
     out = Path(save_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(dict(config), indent=2) + "\n"
     card = model_card(config, repo_id=repo_id)
-    _atomic_write(out / CARD_NAME, lambda p: Path(p).write_text(card))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    atomic_write(out / CARD_NAME, lambda p: Path(p).write_text(card))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
     return out
 
 

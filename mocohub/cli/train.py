@@ -1,0 +1,91 @@
+"""``mocohub train DATA_DIR``: MoCo v1/v2 pre-training with every official hyper-parameter as a flag."""
+from __future__ import annotations
+
+import argparse
+
+from ..training.config import TrainConfig
+from ..training.recipes import RECIPES
+from ..training.trainer import train
+
+__all__ = ["add_parser", "run"]
+
+
+def _recipe_default(field: str) -> str:
+    values = {name: getattr(r, field) for name, r in RECIPES.items()}
+    shown = [f"{n}: {' '.join(map(str, v)) if isinstance(v, tuple) else v}" for n, v in values.items()]
+    return "default from --recipe (" + "; ".join(shown) + ")"
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+# flag -> (recipe field, type, extra argparse options)
+RECIPE_FLAGS = {
+    "--arch": ("arch", str, {}),
+    "--stem": ("stem", str, {"choices": ("imagenet", "cifar")}),
+    "--epochs": ("epochs", int, {}),
+    "--batch-size": ("batch_size", int, {"metavar": "N"}),
+    "--lr": ("lr", float, {}),
+    "--schedule": ("schedule", str, {"choices": ("step", "cos")}),
+    "--lr-steps": ("lr_steps", int, {"nargs": "+", "metavar": "EPOCH"}),
+    "--momentum": ("momentum", float, {}),
+    "--wd": ("weight_decay", float, {}),
+    "--moco-dim": ("moco_dim", int, {}),
+    "--moco-k": ("moco_k", int, {}),
+    "--moco-m": ("moco_m", float, {}),
+    "--moco-t": ("moco_t", float, {}),
+    "--mlp": ("mlp", _bool, {"metavar": "BOOL"}),
+    "--aug": ("aug", str, {"choices": ("moco-v1", "moco-v2", "cifar")}),
+    "--image-size": ("image_size", int, {}),
+    "--bn-groups": ("bn_groups", int, {}),
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pre-train MoCo on a folder of images",
+                       description="Pre-train MoCo v1/v2 on any folder of images (class sub-folders optional). "
+                                   "Under torchrun every process runs this command; --batch-size is global.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data", metavar="DATA_DIR", help="folder of images, searched recursively")
+    p.add_argument("--recipe", default="moco-v2", choices=tuple(RECIPES), help="the paper setting to start from")
+    p.add_argument("--out", default="runs/moco", metavar="RUN_DIR",
+                   help="checkpoints, metrics and the exported backbone go here; an existing run resumes")
+    hp = p.add_argument_group("hyper-parameters (each defaults to the recipe's value)")
+    for flag, (field, kind, extra) in RECIPE_FLAGS.items():
+        hp.add_argument(flag, dest=field, type=kind, default=None, help=_recipe_default(field), **extra)
+    hp.add_argument("--bn-splits", type=int, default=None,
+                    help="BN sub-batches per process (Shuffle BN on one device); default bn-groups / processes")
+    hp.add_argument("--lr-per-iteration", action="store_true",
+                    help="update the schedule every step instead of every epoch (the official code)")
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast precision")
+    hw.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster with bf16/fp16)")
+    hw.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
+    hw.add_argument("--device", default=None, help="e.g. cpu or cuda:0; default: the local GPU, else CPU")
+    run_g = p.add_argument_group("run")
+    run_g.add_argument("--seed", type=int, default=0)
+    run_g.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                       help="a mocohub or official MoCo v1/v2 checkpoint; RUN_DIR/checkpoint.pth.tar resumes by itself")
+    run_g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    run_g.add_argument("--val", default=None, metavar="DIR", help="labelled folder for the kNN monitor")
+    run_g.add_argument("--knn-every", type=int, default=1, metavar="EPOCHS")
+    run_g.add_argument("--knn-k", type=int, default=200)
+    run_g.add_argument("--knn-t", type=float, default=0.1)
+    run_g.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="steps between metric lines")
+    run_g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    if options.get("lr_steps") is not None:
+        options["lr_steps"] = tuple(options["lr_steps"])
+    cfg = TrainConfig.from_recipe(options.pop("recipe"), **options)
+    out = train(cfg)
+    print(f"backbone saved to {out}; load it with mocohub.from_pretrained({str(out)!r})")
+    return 0

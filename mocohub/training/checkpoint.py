@@ -1,0 +1,50 @@
+"""Training checkpoints: the official layout plus what an exact resume needs, written atomically."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MocohubError
+from ..fileio import atomic_write
+from ..zoo.formats import detect_format, read_checkpoint
+
+__all__ = ["CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+
+CHECKPOINT_NAME = "checkpoint.pth.tar"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write to a temp file, fsync, rename: a kill at any moment leaves the previous file intact."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a mocohub or official MoCo v1/v2 pre-training checkpoint, unpickling nothing arbitrary."""
+    path = Path(path)
+    if not path.is_file():
+        raise MocohubError(f"checkpoint {path} does not exist")
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or detect_format(state) not in ("moco-v1/v2", "mocohub-checkpoint") \
+            or not isinstance(state.get("state_dict"), dict):
+        raise MocohubError(f"{path} is not a MoCo v1/v2 training checkpoint: expected a 'state_dict' with "
+                           "'module.encoder_q.*' keys (a mocohub run's checkpoint.pth.tar or an official "
+                           "*_pretrain.pth.tar)")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,42 @@
+"""Everything a training run is told: a recipe's values, overridden flag by flag."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .recipes import Recipe, get_recipe
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig(Recipe):
+    """A Recipe plus the run's own settings (data, output, hardware, monitoring)."""
+
+    data: str = ""
+    out: str = "runs/moco"
+    recipe: str = "moco-v2"
+    bn_splits: int | None = None      # per rank; None: bn_groups // world_size
+    lr_per_iteration: bool = False
+    precision: str = "fp32"
+    channels_last: bool = False
+    workers: int = 4
+    seed: int = 0
+    val: str | None = None
+    knn_every: int = 1
+    knn_k: int = 200
+    knn_t: float = 0.1
+    resume: str | None = None         # a checkpoint; RUN_DIR/checkpoint.pth.tar is resumed by itself
+    max_steps: int | None = None      # stop (and checkpoint) after this many steps in total
+    log_every: int = 10
+    device: str | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "moco-v2", **overrides: Any) -> "TrainConfig":
+        """The recipe's values, then every override that is not None."""
+        base = get_recipe(recipe).as_dict()
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        base["recipe"] = recipe
+        base["lr_steps"] = tuple(base["lr_steps"])
+        return cls(**{f.name: base[f.name] for f in fields(cls) if f.name in base})

@@ -1,0 +1,359 @@
+"""The MoCo v1/v2 training loop: one process or many under torchrun (DDP), resumable to the step."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..algorithm import MoCo
+from ..backbones import RESNET_ARCHS, STEMS
+from ..data.augment import AUGMENTATIONS, TwoViews, augmentation
+from ..data.folder import ImageFolder, collate_images
+from ..errors import MocohubError
+from ..evaluation.embeddings import PRECISIONS, autocast
+from ..evaluation.knn import knn_evaluate
+from ..zoo.pretrained import build_config, pretrained_cfg_for, write_pretrained
+from ..zoo.transforms import transform_for
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .sampler import ResumableSampler
+from .schedule import make_scheduler
+
+__all__ = ["train", "BACKBONE_DIR", "METRICS_NAME", "STEPS_NAME"]
+
+BACKBONE_DIR, METRICS_NAME, STEPS_NAME = "backbone", "metrics.jsonl", "steps.jsonl"
+
+
+class _Runtime:
+    """Process-group facts: which rank this is, how many there are, the device to use."""
+
+    def __init__(self, device: str | None):
+        self.owns_group = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.owns_group = True
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.main = self.rank == 0
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def _check_config(cfg: TrainConfig, world: int) -> int:
+    """Reject impossible settings before anything is written; return the per-rank BN splits."""
+    if cfg.arch not in RESNET_ARCHS:
+        raise MocohubError(f"unknown arch {cfg.arch!r}; valid: {', '.join(RESNET_ARCHS)}")
+    if cfg.aug not in AUGMENTATIONS:
+        raise MocohubError(f"unknown augmentation {cfg.aug!r}; valid: {', '.join(AUGMENTATIONS)}")
+    if cfg.stem not in STEMS:
+        raise MocohubError(f"unknown stem {cfg.stem!r}; valid: {', '.join(STEMS)}")
+    if cfg.schedule not in ("cos", "step"):
+        raise MocohubError(f"unknown schedule {cfg.schedule!r}; valid: cos, step")
+    if cfg.precision not in PRECISIONS:
+        raise MocohubError(f"unknown precision {cfg.precision!r}; valid: {', '.join(PRECISIONS)}")
+    if cfg.batch_size % world:
+        raise MocohubError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by "
+                           f"the {world} processes")
+    if cfg.moco_k % cfg.batch_size:
+        raise MocohubError(f"--moco-k {cfg.moco_k} must be divisible by the global batch size "
+                           f"{cfg.batch_size} (the queue advances a whole batch per step)")
+    per_rank = cfg.batch_size // world
+    if cfg.bn_splits is None:  # the largest divisor of the batch up to bn_groups over all processes
+        target = max(1, cfg.bn_groups // world)
+        return max(d for d in range(1, target + 1) if per_rank % d == 0)
+    if cfg.bn_splits < 1 or per_rank % cfg.bn_splits:
+        raise MocohubError(f"the per-process batch {per_rank} is not divisible by {cfg.bn_splits} BN "
+                           "splits: set --bn-splits to a divisor of it")
+    return cfg.bn_splits
+
+
+def _prepare_run_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise MocohubError(f"cannot write to run directory {path}: {e.strerror}; choose another --out") from e
+
+
+def _trim_jsonl(path: Path, keep) -> None:
+    """Drop the log lines a resumed run will write again (those after its checkpoint)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l.strip() and keep(json.loads(l))]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
+def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _moco_state_dict(model: MoCo) -> dict[str, torch.Tensor]:
+    return {f"module.{k}": v for k, v in model.state_dict().items()}
+
+
+def _resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    if cfg.resume:
+        return Path(cfg.resume)
+    auto = run_dir / CHECKPOINT_NAME
+    return auto if auto.exists() else None
+
+
+class Trainer:
+    """Holds a run's state; ``fit()`` runs it. Use ``train(cfg)`` unless you need the pieces."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rt = _Runtime(cfg.device)
+        self.bn_splits = _check_config(cfg, self.rt.world)
+        self.run_dir = Path(cfg.out)
+        if self.rt.main:
+            _prepare_run_dir(self.run_dir)
+        torch.manual_seed(cfg.seed)
+        view = augmentation(cfg.aug, cfg.image_size)
+        self.dataset = ImageFolder(cfg.data, TwoViews(view), seed=cfg.seed)
+        self.per_rank = cfg.batch_size // self.rt.world
+        if len(self.dataset) < cfg.batch_size:
+            raise MocohubError(f"{cfg.data} has {len(self.dataset)} images, fewer than one batch of "
+                               f"{cfg.batch_size}: lower --batch-size (and --moco-k to a multiple of it)")
+        self.sampler = ResumableSampler(self.dataset, num_replicas=self.rt.world, rank=self.rt.rank,
+                                        seed=cfg.seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // self.per_rank
+        self.model = MoCo(cfg.arch, cfg.moco_dim, cfg.moco_k, cfg.moco_m, cfg.moco_t, cfg.mlp,
+                          stem=cfg.stem, bn_splits=self.bn_splits).to(self.rt.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
+                                        schedule=cfg.schedule, milestones=cfg.lr_steps,
+                                        per_iteration=cfg.lr_per_iteration)
+        self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=cfg.precision == "fp16")
+        self.net = self.model
+        if self.rt.world > 1:
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.epoch, self.step_in_epoch, self.failed_seen = 0, 0, set()
+        self._stop_signal: int | None = None
+        resume = _resume_path(cfg, self.run_dir)
+        if resume is not None:
+            self._load(resume)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "arch": self.cfg.arch, "state_dict": _moco_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "mocohub": {"config": self.cfg.as_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                        "step_in_epoch": self.step_in_epoch, "world_size": self.rt.world},
+        }
+
+    def _save(self) -> None:
+        if self.rt.main:
+            save_checkpoint(self._state(), self.run_dir / CHECKPOINT_NAME)
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        sd = {k.removeprefix("module."): v for k, v in state["state_dict"].items()}
+        try:
+            self.model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise MocohubError(f"{path} does not fit this run ({self.cfg.arch}, dim {self.cfg.moco_dim}, "
+                               f"K {self.cfg.moco_k}, mlp {self.cfg.mlp}): {str(e).splitlines()[0]} ... "
+                               "pass the flags it was trained with") from e
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        extra = state.get("mocohub")
+        if extra:  # a mocohub checkpoint: continue to the step
+            self.scaler.load_state_dict(extra["scaler"])
+            set_rng_state(extra["rng"])
+            self.step_in_epoch = int(extra["step_in_epoch"])
+        done = self.epoch * self.steps_per_epoch + self.step_in_epoch
+        # The lr is a function of --lr and the position (as in the official code), so a resumed run
+        # may lower --lr; an official checkpoint's epoch is the next one to run.
+        self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+        self.scheduler.last_epoch = done
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["lr"] = self.cfg.lr * factor(done)
+        if self.rt.main:
+            _trim_jsonl(self.run_dir / STEPS_NAME, lambda r: r["step"] < done)
+            _trim_jsonl(self.run_dir / METRICS_NAME, lambda r: r["epoch"] < self.epoch)
+            print(f"resumed from {path} at epoch {self.epoch}, step {self.step_in_epoch}")
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _loader(self, dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
+        """A loader whose randomness comes from its own generator, never the global one."""
+        generator = torch.Generator().manual_seed(self.cfg.seed + self.epoch)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.workers,
+                          collate_fn=collate_images, pin_memory=self.rt.device.type == "cuda",
+                          drop_last=drop_last, generator=generator)
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        return images.to(self.rt.device, non_blocking=True, memory_format=fmt)
+
+    def _train_step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.rt.device, self.cfg.precision):
+            logits, labels = self.net(self._to_device(im_q), self._to_device(im_k))
+            loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        correct = (logits.argmax(dim=1) == labels).float().mean()
+        return loss.detach(), correct.detach()
+
+    def _flush(self, pending: list[tuple[int, float, torch.Tensor, torch.Tensor]]) -> list[float]:
+        """Move the buffered losses to the host (the only sync), check them, log them."""
+        if not pending:
+            return []
+        values = torch.stack([torch.stack([loss, acc]) for _, _, loss, acc in pending]).cpu().tolist()
+        for (step, lr, _, _), (loss, _) in zip(pending, values):
+            if not torch.isfinite(torch.tensor(loss)):
+                raise MocohubError(
+                    f"the loss became {loss} at step {step} (epoch {self.epoch}); the run stopped without "
+                    f"saving, so {self.run_dir / CHECKPOINT_NAME} still holds the last good state. "
+                    "Lower --lr or train with --precision fp32", exit_code=3)
+        if self.rt.main:
+            _append_jsonl(self.run_dir / STEPS_NAME, [
+                {"step": step, "epoch": self.epoch, "loss": loss, "acc1": 100 * acc, "lr": lr}
+                for (step, lr, _, _), (loss, acc) in zip(pending, values)])
+        pending.clear()
+        return [v[0] for v in values]
+
+    def _train_epoch(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.net.train()
+        self.dataset.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.per_rank)
+        loader = self._loader(self.dataset, self.sampler, self.per_rank, drop_last=True)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
+                   disable=not (self.rt.main and cfg.progress), dynamic_ncols=True, unit="step")
+        pending, losses, accs, failed, images, t0 = [], [], [], 0, 0, time.perf_counter()
+        epoch_lr = self.optimizer.param_groups[0]["lr"]
+        for batch in loader:
+            global_step = self.epoch * self.steps_per_epoch + self.step_in_epoch
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss, acc = self._train_step(*batch.images)
+            pending.append((global_step, lr, loss, acc))
+            accs.append(acc)
+            failed += self._note_failed(batch.failed)
+            images += self.per_rank * self.rt.world
+            self.step_in_epoch += 1
+            bar.update(1)
+            if len(pending) >= cfg.log_every or self.step_in_epoch == self.steps_per_epoch:
+                losses += self._flush(pending)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.4g}",
+                                img_s=f"{images / (time.perf_counter() - t0):.0f}")
+            if self._should_stop(global_step + 1):
+                break
+        losses += self._flush(pending)
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        return {"epoch": self.epoch, "loss": sum(losses) / max(1, len(losses)),
+                "acc1": 100 * float(torch.stack(accs).mean()) if accs else None,
+                "lr": epoch_lr, "images_per_s": images / max(elapsed, 1e-9),
+                "seconds": elapsed, "skipped": len(self.dataset.skipped) + int(self.rt.sum(failed))}
+
+    def _note_failed(self, paths: list[str]) -> int:
+        for path in paths:
+            if path not in self.failed_seen:
+                self.failed_seen.add(path)
+                warnings.warn(f"skipped an image that could not be decoded: {path}", stacklevel=2)
+        return len(paths)
+
+    def _should_stop(self, steps_done: int) -> bool:
+        return self._stop_signal is not None or (self.cfg.max_steps is not None and steps_done >= self.cfg.max_steps)
+
+    def _knn(self) -> dict[str, float]:
+        cfg = self.cfg
+        mean, std = AUGMENTATIONS[cfg.aug][2]
+        transform = transform_for(pretrained_cfg_for(cfg.image_size, mean, std))
+        bank = ImageFolder(cfg.data, transform, on_error="skip")
+        val = ImageFolder(cfg.val, transform, on_error="skip")
+        batch = max(self.per_rank, 256)
+        loaders = [self._loader(ds, None, batch, drop_last=False) for ds in (bank, val)]
+        result = knn_evaluate(self.model.encoder_q, *loaders, k=cfg.knn_k, t=cfg.knn_t, device=self.rt.device,
+                              precision=cfg.precision, channels_last=cfg.channels_last)
+        return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
+
+    def _export(self, metrics: dict[str, Any]) -> Path:
+        cfg = self.cfg
+        mean, std = AUGMENTATIONS[cfg.aug][2]
+        state = self.model.backbone_state_dict()
+        meta = {"moco_version": cfg.moco_version, "recipe": cfg.recipe, "epochs": self.epoch,
+                "source": "mocohub train", "dataset": str(cfg.data), **metrics}
+        config = build_config(cfg.arch, num_features=self.model.encoder_q.num_features, stem=cfg.stem,
+                              pretrained_cfg=pretrained_cfg_for(cfg.image_size, mean, std), meta=meta)
+        return write_pretrained(self.run_dir / BACKBONE_DIR, state, config)
+
+    def fit(self) -> Path:
+        """Train to ``cfg.epochs`` (or ``max_steps``), checkpointing each epoch; export the backbone."""
+        cfg, metrics = self.cfg, {}
+        if cfg.val and self.dataset.classes == [] and self.rt.main:
+            raise MocohubError(f"--val needs labelled training images for the kNN bank: put {cfg.data}'s "
+                               "images in class sub-folders, or drop --val")
+        handles_signals = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if handles_signals else {}
+        try:
+            while self.epoch < cfg.epochs and not self._should_stop(self.epoch * self.steps_per_epoch + self.step_in_epoch):
+                row = self._train_epoch()
+                if self.step_in_epoch < self.steps_per_epoch:  # stopped inside the epoch
+                    self._save()
+                    break
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                self._save()
+                if cfg.val and self.rt.main and (self.epoch % cfg.knn_every == 0 or self.epoch == cfg.epochs):
+                    metrics = self._knn()
+                    row.update(metrics)
+                if self.rt.main:
+                    _append_jsonl(self.run_dir / METRICS_NAME, [row])
+                    tqdm.write(json.dumps(row))
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            out = self._export(metrics) if self.rt.main else self.run_dir / BACKBONE_DIR
+            if self.rt.world > 1:
+                dist.barrier()
+            return out
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.rt.close()
+
+    def _on_signal(self, signum: int, frame) -> None:
+        """Finish the current step, checkpoint, then stop (a second signal stops at once)."""
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run MoCo pre-training as ``cfg`` says; return the exported backbone folder."""
+    return Trainer(cfg).fit()

@@ -1,0 +1,170 @@
+"""The trainer and `mocohub train`, end to end on tiny generated folders."""
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import mocohub
+from mocohub.cli.main import main
+from mocohub.data.synthetic import make_dataset
+from mocohub.training import TrainConfig, load_checkpoint, train
+from mocohub.training import checkpoint as checkpoint_module
+
+TINY = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "32", "--workers", "0",
+        "--no-progress", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    train_dir, val_dir = make_dataset(tmp_path_factory.mktemp("data"), train_per_class=4, val_per_class=2, size=16)
+    return train_dir, val_dir  # 40 training images: 5 steps of 8
+
+
+def _steps(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+
+
+def test_cli_end_to_end(folders, tmp_path, capsys):
+    train_dir, val_dir = folders
+    run = tmp_path / "run"
+    assert main(["train", str(train_dir), *TINY, "--epochs", "2", "--out", str(run), "--val", str(val_dir)]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(0 <= r["knn_top1"] <= 100 and r["skipped"] == 0 and r["images_per_s"] > 0 for r in rows)
+    assert rows[0]["lr"] == pytest.approx(0.06) and rows[1]["lr"] == pytest.approx(0.03)  # per-epoch cosine
+    assert [s["step"] for s in _steps(run)] == list(range(10))
+
+    ckpt = load_checkpoint(run / "checkpoint.pth.tar")
+    assert ckpt["epoch"] == 2 and ckpt["arch"] == "resnet18"
+    assert {k.split(".")[1] for k in ckpt["state_dict"]} == {"encoder_q", "encoder_k", "queue", "queue_ptr"}
+    assert all(k.startswith("module.") for k in ckpt["state_dict"])
+    assert ckpt["state_dict"]["module.queue"].shape == (128, 32)
+    assert int(ckpt["state_dict"]["module.queue_ptr"]) == (10 * 8) % 32
+
+    backbone = mocohub.from_pretrained(str(run / "backbone"))
+    q = {k.removeprefix("module.encoder_q."): v for k, v in ckpt["state_dict"].items()
+         if k.startswith("module.encoder_q.") and not k.startswith("module.encoder_q.fc.")}
+    for key, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, q[key], msg=key)
+    with torch.no_grad():
+        assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, 512)
+    assert "backbone saved to" in capsys.readouterr().out
+
+
+def test_resume_reproduces_uninterrupted_losses(folders, tmp_path):
+    train_dir, _ = folders
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    base = dict(data=str(train_dir), image_size=16, batch_size=8, moco_k=32, workers=0, progress=False,
+                log_every=1, epochs=2, seed=3)
+    train(TrainConfig.from_recipe("cifar", out=str(whole), **base))
+    train(TrainConfig.from_recipe("cifar", out=str(split), max_steps=3, **base))  # stops mid-epoch 0
+    assert load_checkpoint(split / "checkpoint.pth.tar")["mocohub"]["step_in_epoch"] == 3
+    assert len(_steps(split)) == 3
+    train(TrainConfig.from_recipe("cifar", out=str(split), **{**base, "workers": 2}))  # resumes by itself
+    assert [s["loss"] for s in _steps(split)] == [s["loss"] for s in _steps(whole)]
+    assert [s["lr"] for s in _steps(split)] == [s["lr"] for s in _steps(whole)]
+    a, b = load_checkpoint(whole / "checkpoint.pth.tar"), load_checkpoint(split / "checkpoint.pth.tar")
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+def test_failed_checkpoint_write_keeps_previous(folders, tmp_path, monkeypatch):
+    train_dir, _ = folders
+    run = tmp_path / "run"
+    cfg = dict(data=str(train_dir), image_size=16, batch_size=8, moco_k=32, workers=0, progress=False, out=str(run))
+    train(TrainConfig.from_recipe("cifar", epochs=1, **cfg))
+    before = hashlib.sha256((run / "checkpoint.pth.tar").read_bytes()).hexdigest()
+
+    def torn_save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(TrainConfig.from_recipe("cifar", epochs=2, **cfg))
+    assert hashlib.sha256((run / "checkpoint.pth.tar").read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(folders, tmp_path, capsys):
+    train_dir, _ = folders
+    run = tmp_path / "run"
+    assert main(["train", str(train_dir), *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    before = (run / "checkpoint.pth.tar").read_bytes()
+    code = main(["train", str(train_dir), *TINY, "--epochs", "3", "--lr", "1e30", "--out", str(run)])
+    err = capsys.readouterr().err
+    assert code == 3 and "loss became nan" in err and "last good state" in err
+    assert (run / "checkpoint.pth.tar").read_bytes() == before
+    assert json.loads((run / "backbone" / "config.json").read_text())["mocohub"]["epochs"] == 1
+
+
+def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path):
+    train_dir, _ = make_dataset(tmp_path / "data", train_per_class=1, val_per_class=0, size=16)
+    (train_dir / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (train_dir / "square" / "notes.txt").write_text("not an image")
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", str(train_dir), *TINY, "--batch-size", "4", "--moco-k", "8", "--epochs", "1",
+                     "--out", str(run)]) == 0
+    messages = [str(w.message) for w in caught]
+    assert sum("broken.jpg" in m for m in messages) == 1
+    assert any("notes.txt" in m for m in messages)
+    row = json.loads((run / "metrics.jsonl").read_text())
+    assert row["skipped"] == 2  # the text file, and the corrupt JPEG (met once in the epoch)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "resnet7"], "unknown arch 'resnet7'; valid: resnet18"),
+    (["--moco-k", "30"], "must be divisible by the global batch size 8"),
+    (["--batch-size", "64", "--moco-k", "128"], "fewer than one batch of 64"),
+    (["--bn-splits", "3"], "not divisible by 3 BN splits"),
+])
+def test_bad_flags_exit_2_with_a_message(folders, tmp_path, capsys, args, message):
+    train_dir, _ = folders
+    code = main(["train", str(train_dir), *TINY, "--out", str(tmp_path / "run"), *args])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_unknown_recipe_lists_the_valid_ones(folders, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(folders[0]), "--recipe", "moco-v9"])
+    assert e.value.code == 2 and "moco-v1" in capsys.readouterr().err
+
+
+def test_empty_folder_unwritable_run_dir_and_bad_resume(folders, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", str(empty), *TINY, "--out", str(tmp_path / "r1")]) == 2
+    assert "no images found" in capsys.readouterr().err
+
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    assert main(["train", str(folders[0]), *TINY, "--out", str(blocker / "run")]) == 2
+    assert "cannot write to run directory" in capsys.readouterr().err and blocker.read_text() == "keep me"
+
+    bogus = tmp_path / "bogus.pth.tar"
+    torch.save({"weights": torch.zeros(2)}, bogus)
+    assert main(["train", str(folders[0]), *TINY, "--out", str(tmp_path / "r2"), "--resume", str(bogus)]) == 2
+    assert "is not a MoCo v1/v2 training checkpoint" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.pth.tar"
+    garbage.write_bytes(b"\x00" * 100)
+    assert main(["train", str(folders[0]), *TINY, "--out", str(tmp_path / "r3"), "--resume", str(garbage)]) == 2
+    assert "is not a readable torch checkpoint" in capsys.readouterr().err
+
+
+def test_official_checkpoint_resumes(folders, tmp_path):
+    """A file in the official layout (no mocohub extras) continues at its epoch."""
+    train_dir, _ = folders
+    model = mocohub.MoCo("resnet18", dim=128, K=32, m=0.99, T=0.1, stem="cifar")
+    opt = torch.optim.SGD(model.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
+    official = tmp_path / "official.pth.tar"
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict()}, official)
+    run = tmp_path / "run"
+    assert main(["train", str(train_dir), *TINY, "--epochs", "2", "--out", str(run), "--resume", str(official)]) == 0
+    assert [s["epoch"] for s in _steps(run)] == [1] * 5
+    assert _steps(run)[0]["lr"] == pytest.approx(0.03)
