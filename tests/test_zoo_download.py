@@ -97,7 +97,7 @@ def test_url_with_sha256_and_truncated_download(torch_home, zoo_site):
     with pytest.raises(MocohubError, match=rf"truncated: got \d+ of \d+ bytes.*expected sha256 {sha}, got sha256 "):
         mocohub.from_pretrained(f"{server.url}/r18-cut.pth.tar", check_hash=f"sha256:{sha}", progress=False)
     assert "r18-cut.pth.tar" not in _cache_listing(torch_home)
-    assert not any(name.endswith(".partial") for name in _cache_listing(torch_home))
+    assert not any(name.startswith(".") for name in _cache_listing(torch_home))  # no temp files left
 
 
 def test_file_url(torch_home, zoo_site):

@@ -1,7 +1,7 @@
 """Verified downloads into torch.hub's cache, plus a safetensors cache of the converted backbone.
 
 A file reaches the cache only after its size and hash are checked, and always by an atomic rename
-of a private temporary file: two processes downloading at once both leave a sound cache, and a
+of a temporary file: two processes downloading at once both leave a sound cache, and a
 truncated or tampered file is never found there later as if it were good.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import MocohubError
+from ..fileio import atomic_write
 from .formats import Backbone, convert, read_checkpoint
 from .pretrained import CONFIG_NAME, read_pretrained_dir, write_pretrained
 
@@ -88,17 +89,13 @@ def download(url: str, *, expected_hash: str | None = None, progress: bool = Tru
     if expected_hash:
         parse_hash(expected_hash)  # a malformed hash fails before any download
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{name}.", suffix=".partial",
-                                     delete=False) as tmp:
-        try:
-            found, received, total = _fetch(url, tmp, name, progress)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-            _verify(url, found, received, total, expected_hash)
-        except BaseException:
-            Path(tmp.name).unlink(missing_ok=True)
-            raise
-    os.replace(tmp.name, target)
+
+    def fetch_verified(tmp: str) -> None:
+        with open(tmp, "wb") as dest:
+            found, received, total = _fetch(url, dest, name, progress)
+        _verify(url, found, received, total, expected_hash)
+
+    atomic_write(target, fetch_verified)  # a refused download leaves no file behind
     return target
 
 
