@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import mocohub
 from mocohub.backbones import create_resnet
+from mocohub.data.augment import CIFAR_MEAN, CIFAR_STD
 from mocohub.errors import MocohubError
 from mocohub.zoo.formats import detect_format
 from mocohub.zoo.pretrained import build_config, write_pretrained
@@ -92,7 +93,8 @@ def _training_checkpoint(stem: str = "cifar") -> tuple[dict, nn.Module]:
     state |= {f"module.encoder_q.fc.{k}": v for k, v in head.state_dict().items()}
     state |= {f"module.encoder_k.{k}": v + 1 for k, v in encoder.state_dict().items()}
     state |= {"module.queue": torch.randn(128, 64), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
-    config = {"arch": "resnet18", "stem": stem, "recipe": "cifar10", "image_size": 32, "moco_version": "v2"}
+    config = {"arch": "resnet18", "stem": stem, "recipe": "cifar10", "image_size": 32, "moco_version": "v2",
+              "aug": "cifar"}
     return {"epoch": 3, "arch": "resnet18", "state_dict": state, "optimizer": {}, "mocohub": {"config": config}}, \
         encoder.eval()
 
@@ -107,6 +109,7 @@ def test_mocohub_training_checkpoint_and_run_folder(tmp_path):
     meta = model.mocohub_config["mocohub"]
     assert meta["stem"] == "cifar" and meta["recipe"] == "cifar10" and meta["epochs"] == 3
     assert model.pretrained_cfg["input_size"] == [3, 32, 32]
+    assert model.pretrained_cfg["mean"] == list(CIFAR_MEAN) and model.pretrained_cfg["std"] == list(CIFAR_STD)
     assert torch.equal(features(model, size=32), features(encoder, size=32))
     # an export in RUN_DIR/backbone wins over the checkpoint
     other = create_resnet("resnet18", stem="cifar").eval()

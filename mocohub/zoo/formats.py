@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..backbones import RESNET_ARCHS
+from ..data.augment import AUGMENTATIONS
 from ..errors import MocohubError
 from .pretrained import IMAGENET_PRETRAINED_CFG, build_config, pretrained_cfg_for
 
@@ -168,8 +169,10 @@ def convert(obj: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) ->
     if prefix is not None:  # a pre-training checkpoint: its fc/head is a projector, never a classifier
         sd = {k: v for k, v in sd.items() if not k.startswith(f"{classifier}.")}
     sd, num_classes = _split_classifier(sd, classifier)
-    if "image_size" in run_config:
-        pcfg = dict(pretrained_cfg_for(int(run_config["image_size"])), first_conv=pcfg["first_conv"],
+    if "image_size" in run_config:  # a mocohub run: normalised as its augmentation recipe was
+        mean, std = AUGMENTATIONS[run_config["aug"]][2] if run_config.get("aug") in AUGMENTATIONS \
+            else (pcfg["mean"], pcfg["std"])
+        pcfg = dict(pretrained_cfg_for(int(run_config["image_size"]), mean, std), first_conv=pcfg["first_conv"],
                     classifier=classifier)
     config = build_config(arch, num_features=_num_features(sd),
                           num_classes=num_classes, stem=stem, pretrained_cfg=pcfg, meta=info)
