@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..detection.detectron2 import convert_to_detectron2
 from ..zoo.hub import push_folder
 from ..zoo.loading import resolve_source
 from ..zoo.pretrained import write_pretrained
@@ -26,6 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--push", metavar="REPO_ID", help="also upload the folder to this Hub repo")
     convert.add_argument("--check-hash", metavar="ALGO:HEX", help="verify a download: sha256:<hex> or md5:<hex>")
     convert.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    convert.add_argument("--to", choices=("mocohub", "detectron2"), default="mocohub",
+                         help="detectron2: write OUT as a .pkl for detectron2's MODEL.WEIGHTS (ResNets)")
     convert.set_defaults(func=run)
 
 
@@ -50,6 +53,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.to == "detectron2":
+        print(f"{args.source} -> {convert_to_detectron2(args.source, args.out_dir)} (detectron2)")
+        return 0
     backbone = resolve_source(args.source, check_hash=args.check_hash)
     out = write_pretrained(args.out_dir, backbone.state_dict, backbone.config, repo_id=args.push)
     print(f"{args.source} ({backbone.format}, {backbone.config['architecture']}) -> {out}")
