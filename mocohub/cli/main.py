@@ -5,13 +5,12 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import evaluate, train, zoo
-
 from ..errors import MocohubError
+from . import demo, evaluate, train, zoo
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (train, zoo, evaluate)
+COMMANDS = (demo, train, zoo, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

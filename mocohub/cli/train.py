@@ -16,6 +16,15 @@ def _recipe_default(field: str) -> str:
     return "default from --recipe (" + "; ".join(shown) + ")"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except for switches and the recipe-dependent flags (their help lists them)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -50,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pre-train MoCo on a folder of images",
                        description="Pre-train MoCo v1/v2 on any folder of images (class sub-folders optional). "
                                    "Under torchrun every process runs this command; --batch-size is global.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("data", metavar="DATA_DIR", help="folder of images, searched recursively")
     p.add_argument("--recipe", default="moco-v2", choices=tuple(RECIPES), help="the paper setting to start from")
     p.add_argument("--out", default="runs/moco", metavar="RUN_DIR",
@@ -68,16 +77,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     hw.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
     hw.add_argument("--device", default=None, help="e.g. cpu or cuda:0; default: the local GPU, else CPU")
     run_g = p.add_argument_group("run")
-    run_g.add_argument("--seed", type=int, default=0)
+    run_g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")
     run_g.add_argument("--resume", default=None, metavar="CHECKPOINT",
                        help="a mocohub or official MoCo v1/v2 checkpoint; RUN_DIR/checkpoint.pth.tar resumes by itself")
     run_g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
     run_g.add_argument("--val", default=None, metavar="DIR", help="labelled folder for the kNN monitor")
-    run_g.add_argument("--knn-every", type=int, default=1, metavar="EPOCHS")
-    run_g.add_argument("--knn-k", type=int, default=200)
-    run_g.add_argument("--knn-t", type=float, default=0.1)
+    run_g.add_argument("--knn-every", type=int, default=1, metavar="EPOCHS", help="epochs between kNN scores")
+    run_g.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted kNN")
+    run_g.add_argument("--knn-t", type=float, default=0.1, help="temperature of the weighted kNN")
     run_g.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="steps between metric lines")
-    run_g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    run_g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=run)
 
 
