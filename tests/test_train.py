@@ -168,3 +168,10 @@ def test_official_checkpoint_resumes(folders, tmp_path):
     assert main(["train", str(train_dir), *TINY, "--epochs", "2", "--out", str(run), "--resume", str(official)]) == 0
     assert [s["epoch"] for s in _steps(run)] == [1] * 5
     assert _steps(run)[0]["lr"] == pytest.approx(0.03)
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--images-per-class", "7",
+                 "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "random init" in out and "MoCo,   1 epochs" in out and "embeddings of shape (4, 512)" in out

@@ -24,6 +24,8 @@ from ..zoo.pretrained import pretrained_cfg_for
 
 __all__ = ["add_parser", "run"]
 
+SIZE = 16  # training and evaluation crops: small enough for a few CPU minutes
+
 
 def _knn_top1(model: torch.nn.Module, train_dir: Path, val_dir: Path) -> float:
     transform = transform_for(model)
@@ -36,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train and evaluate MoCo end to end on a generated dataset",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="mocohub-demo", help="folder for the dataset and the run")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--images-per-class", type=int, default=100, help="training images per class (10 classes)")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--workers", type=int, default=2)
@@ -48,21 +50,22 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     train_dir, val_dir = make_dataset(out / "data", train_per_class=args.images_per_class,
                                       val_per_class=max(10, args.images_per_class // 4))
-    print(f"generated 10 classes of 32x32 shapes under {out / 'data'}")
+    print(f"generated 10 classes of 32x32 shapes under {out / 'data'}; training at {SIZE}x{SIZE}")
     torch.manual_seed(0)
     random_init = create_resnet("resnet18", stem="cifar")
-    random_init.pretrained_cfg = pretrained_cfg_for(32, CIFAR_MEAN, CIFAR_STD)
+    random_init.pretrained_cfg = pretrained_cfg_for(SIZE, CIFAR_MEAN, CIFAR_STD)
     baseline = _knn_top1(random_init, train_dir, val_dir)
-    # The CIFAR demo recipe, scaled to a small batch: lr 0.06 x 64/512, queue of 1024 keys.
+    # The CIFAR demo recipe with MoCo v2's MLP head and T=0.2, sized for a thousand images:
+    # batch 64, lr 0.03, and a queue (256) smaller than the dataset so no image is its own negative.
     cfg = TrainConfig.from_recipe("cifar", data=str(train_dir), out=str(out / "run"), epochs=args.epochs,
-                                  batch_size=64, lr=0.06 * 64 / 512, moco_k=1024, precision=args.precision,
-                                  channels_last=True, workers=args.workers, val=str(val_dir),
-                                  knn_every=max(1, args.epochs // 3))
+                                  batch_size=64, lr=0.03, moco_k=256, mlp=True, moco_t=0.2, image_size=SIZE,
+                                  precision=args.precision, channels_last=True, workers=args.workers,
+                                  val=str(val_dir), knn_every=max(1, args.epochs // 3))
     exported = train(cfg)
     model = from_pretrained(str(exported))
     trained = _knn_top1(model, train_dir, val_dir)
     with torch.no_grad():
-        embedding = model(torch.randn(4, 3, 32, 32))
+        embedding = model(torch.randn(4, 3, SIZE, SIZE))
     print(f"\nkNN top-1 on {val_dir} (k=200, t=0.1, backbone features):")
     print(f"  random init          {baseline:5.1f}%")
     print(f"  MoCo, {args.epochs:3d} epochs     {trained:5.1f}%")

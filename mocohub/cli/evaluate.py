@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from ..data.folder import ImageFolder, collate_images
 from ..errors import MocohubError
 from ..evaluation.classifier import save_classifier
-from ..evaluation.embeddings import PRECISIONS, Embeddings, compute_embeddings, concat_embeddings
+from ..evaluation.embeddings import Embeddings, compute_embeddings, concat_embeddings
+from ..precision import PRECISIONS
 from ..evaluation.extract import extract_embeddings
 from ..evaluation.knn import knn_classify
 from ..evaluation.linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS, fast_linear_probe, resolve_protocol, train_linear_head

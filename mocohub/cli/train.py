@@ -68,7 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for flag, (field, kind, extra) in RECIPE_FLAGS.items():
         hp.add_argument(flag, dest=field, type=kind, default=None, help=_recipe_default(field), **extra)
     hp.add_argument("--bn-splits", type=int, default=None,
-                    help="BN sub-batches per process (Shuffle BN on one device); default bn-groups / processes")
+                    help="BN sub-batches per process (Shuffle BN on one device); default: bn-groups / processes, "
+                         "fewer if groups would drop below 32 images")
     hp.add_argument("--lr-per-iteration", action="store_true",
                     help="update the schedule every step instead of every epoch (the official code)")
     hw = p.add_argument_group("hardware")

@@ -1,7 +1,6 @@
 """Pooled embeddings of every image a loader yields: the input of kNN, the fast probe and extract."""
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable, Iterator, NamedTuple
 
 import torch
@@ -10,12 +9,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import MocohubError
+from ..precision import autocast
 
-__all__ = ["PRECISIONS", "Embeddings", "autocast", "model_device", "embed_batch", "iter_embeddings",
+__all__ = ["Embeddings", "model_device", "embed_batch", "iter_embeddings",
            "compute_embeddings", "concat_embeddings"]
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class Embeddings(NamedTuple):
     """Float32 features on the CPU (L2-normalised by default), in loader order, with what
@@ -25,16 +22,6 @@ class Embeddings(NamedTuple):
     labels: torch.Tensor  # [N] long, -1 for unlabelled folders
     indices: torch.Tensor  # [N] long, positions in the dataset
     failed: list[str]  # files that could not be decoded (skipped, not fatal)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for bf16/fp16, nothing for fp32: one switch for every evaluation loop."""
-    if precision not in PRECISIONS:
-        raise MocohubError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def model_device(model: nn.Module) -> torch.device:

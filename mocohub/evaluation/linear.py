@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import MocohubError
-from .embeddings import Embeddings, autocast, embed_batch, model_device
+from ..precision import autocast
+from .embeddings import Embeddings, embed_batch, model_device
 from .knn import topk_accuracy
 
 __all__ = [

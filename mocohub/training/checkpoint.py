@@ -11,10 +11,11 @@ import torch
 from ..errors import MocohubError
 from ..fileio import atomic_write
 from ..zoo.formats import detect_format, read_checkpoint
+from ..zoo.pretrained import RUN_CHECKPOINT
 
 __all__ = ["CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
-CHECKPOINT_NAME = "checkpoint.pth.tar"
+CHECKPOINT_NAME = RUN_CHECKPOINT
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -23,9 +23,9 @@ from ..backbones import RESNET_ARCHS, STEMS
 from ..data.augment import AUGMENTATIONS, TwoViews, augmentation
 from ..data.folder import ImageFolder, collate_images
 from ..errors import MocohubError
-from ..evaluation.embeddings import PRECISIONS, autocast
 from ..evaluation.knn import knn_evaluate
-from ..zoo.pretrained import build_config, pretrained_cfg_for, write_pretrained
+from ..precision import PRECISIONS, autocast
+from ..zoo.pretrained import RUN_EXPORT, build_config, pretrained_cfg_for, write_pretrained
 from ..zoo.transforms import transform_for
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
@@ -34,7 +34,7 @@ from .schedule import make_scheduler
 
 __all__ = ["train", "BACKBONE_DIR", "METRICS_NAME", "STEPS_NAME"]
 
-BACKBONE_DIR, METRICS_NAME, STEPS_NAME = "backbone", "metrics.jsonl", "steps.jsonl"
+BACKBONE_DIR, METRICS_NAME, STEPS_NAME = RUN_EXPORT, "metrics.jsonl", "steps.jsonl"
 
 
 class _Runtime:
@@ -84,9 +84,9 @@ def _check_config(cfg: TrainConfig, world: int) -> int:
         raise MocohubError(f"--moco-k {cfg.moco_k} must be divisible by the global batch size "
                            f"{cfg.batch_size} (the queue advances a whole batch per step)")
     per_rank = cfg.batch_size // world
-    if cfg.bn_splits is None:  # the largest divisor of the batch up to bn_groups over all processes
+    if cfg.bn_splits is None:  # bn_groups over all processes, of at least 32 images each (8 GPUs x 32)
         target = max(1, cfg.bn_groups // world)
-        return max(d for d in range(1, target + 1) if per_rank % d == 0)
+        return max(d for d in range(1, target + 1) if per_rank % d == 0 and (d == 1 or per_rank // d >= 32))
     if cfg.bn_splits < 1 or per_rank % cfg.bn_splits:
         raise MocohubError(f"the per-process batch {per_rank} is not divisible by {cfg.bn_splits} BN "
                            "splits: set --bn-splits to a divisor of it")

@@ -15,14 +15,12 @@ from ..errors import MocohubError
 from .download import cached_backbone, download
 from .formats import Backbone, convert, read_checkpoint
 from .hub import HUB_PREFIX, download_hub_repo
-from .pretrained import CONFIG_NAME, build_model, read_pretrained_dir
+from .pretrained import CONFIG_NAME, RUN_CHECKPOINT, RUN_EXPORT, build_model, read_pretrained_dir
 from .registry import ALIASES, REGISTRY, get_model
 from .transforms import transform_for
 
 __all__ = ["resolve_source", "from_pretrained", "zoo_model"]
 
-RUN_CHECKPOINT = "checkpoint.pth.tar"  # what the mocohub trainer writes in a run folder
-RUN_EXPORT = "backbone"  # and the folder it exports the backbone to
 
 
 def _local(path: Path) -> Backbone:

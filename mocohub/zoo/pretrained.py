@@ -21,12 +21,15 @@ from ..backbones import RESNET_ARCHS, create_resnet
 from .card import CARD_NAME, model_card
 
 __all__ = [
-    "CONFIG_NAME", "WEIGHTS_NAME", "IMAGENET_PRETRAINED_CFG", "pretrained_cfg_for",
+    "CONFIG_NAME", "WEIGHTS_NAME", "RUN_CHECKPOINT", "RUN_EXPORT", "IMAGENET_PRETRAINED_CFG", "pretrained_cfg_for",
     "build_config", "build_model", "write_pretrained", "save_pretrained", "read_pretrained_dir",
     "load_pretrained_dir",
 ]
 
 CONFIG_NAME = "config.json"
+# A training run folder: what `mocohub train` writes and `from_pretrained(RUN_DIR)` reads.
+RUN_CHECKPOINT = "checkpoint.pth.tar"
+RUN_EXPORT = "backbone"
 WEIGHTS_NAME = "model.safetensors"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
