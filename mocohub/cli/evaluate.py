@@ -9,15 +9,15 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.folder import ImageFolder, collate_images
+from ..data.folder import DEFAULT_WORKERS, ImageFolder, collate_images
 from ..errors import MocohubError
 from ..evaluation.classifier import save_classifier
 from ..evaluation.embeddings import Embeddings, compute_embeddings, concat_embeddings
-from ..precision import PRECISIONS
 from ..evaluation.extract import extract_embeddings
 from ..evaluation.knn import knn_classify
 from ..evaluation.linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS, fast_linear_probe, resolve_protocol, train_linear_head
 from ..evaluation.transforms import linear_cfg, train_transform
+from ..precision import PRECISIONS
 from ..zoo.loading import from_pretrained
 from ..zoo.pretrained import WEIGHTS_NAME
 from ..zoo.transforms import transform_for
@@ -28,7 +28,7 @@ __all__ = ["add_parser", "run"]
 def _common(p: argparse.ArgumentParser, batch_size: int | None = 256) -> None:
     p.add_argument("model", metavar="MODEL", help="zoo name, folder, checkpoint file, URL or hf-hub:org/repo")
     p.add_argument("--batch-size", type=int, default=batch_size, metavar="N")
-    p.add_argument("--workers", type=int, default=4, metavar="N", help="image decoding processes")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N", help="image decoding processes")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS), help="autocast dtype")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster with bf16/fp16)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.folder import DEFAULT_WORKERS
 from ..training.config import TrainConfig
 from ..training.recipes import RECIPES
 from ..training.trainer import train
@@ -75,7 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     hw = p.add_argument_group("hardware")
     hw.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast precision")
     hw.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster with bf16/fp16)")
-    hw.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
+    hw.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="data-loading processes per training process")
     hw.add_argument("--device", default=None, help="e.g. cpu or cuda:0; default: the local GPU, else CPU")
     run_g = p.add_argument_group("run")
     run_g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")

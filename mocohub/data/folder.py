@@ -12,7 +12,9 @@ from torch.utils.data import Dataset, default_collate
 
 from ..errors import MocohubError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "Batch", "collate_images", "load_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_WORKERS", "ImageFolder", "Batch", "collate_images", "load_rgb"]
+
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # decoding processes: more than the cores only contend
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..data.folder import DEFAULT_WORKERS
 from .recipes import Recipe, get_recipe
 
 __all__ = ["TrainConfig"]
@@ -20,7 +21,7 @@ class TrainConfig(Recipe):
     lr_per_iteration: bool = False
     precision: str = "fp32"
     channels_last: bool = False
-    workers: int = 4
+    workers: int = DEFAULT_WORKERS
     seed: int = 0
     val: str | None = None
     knn_every: int = 1
