@@ -175,3 +175,28 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
                  "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "random init" in out and "MoCo,   1 epochs" in out and "embeddings of shape (4, 512)" in out
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes(folders, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    train_dir, _ = folders
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mocohub", "train", str(train_dir), *TINY, "--epochs", "2", "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "steps.jsonl").exists() and len(_steps(run)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    state = load_checkpoint(run / "checkpoint.pth.tar")["mocohub"]
+    done = len(_steps(run))
+    assert 2 <= done < 10 and state["step_in_epoch"] == done % 5
+    assert main(["train", str(train_dir), *TINY, "--epochs", "2", "--out", str(run)]) == 0
+    assert [s["step"] for s in _steps(run)] == list(range(10))
