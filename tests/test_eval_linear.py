@@ -60,7 +60,7 @@ def test_fast_probe_and_saved_classifier_round_trip(folders, tmp_path):
     train = compute_embeddings(model, _loader(folders[0], tf), normalize=False)
     val = compute_embeddings(model, _loader(folders[1], tf), normalize=False)
     head, metrics = fast_linear_probe(train, val, 3)
-    assert metrics["top1"] == 100.0 and set(metrics["holdout_top1"]) == {"1e-06", "1e-05", "0.0001", "0.001", "0.01"}
+    assert metrics["top1"] == 100.0 and set(metrics["holdout_top1"]) == {"1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"}
     out = save_classifier(model, head, tmp_path / "clf", classes=["class0", "class1", "class2"], metrics=metrics)
     full = load_pretrained_dir(out)  # strict load: backbone + fc
     assert full.num_classes == 3 and full.mocohub_config["mocohub"]["classes"][2] == "class2"

@@ -172,7 +172,7 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: i
     return head
 
 
-DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def fast_linear_probe(train: Embeddings, val: Embeddings, num_classes: int, *,
