@@ -167,3 +167,15 @@ def test_save_pretrained_round_trip_with_model_card(saved, tmp_path):
     again = mocohub.from_pretrained(tmp_path / "export")
     assert torch.equal(features(again), features(model))
     assert again.mocohub_config["mocohub"] == copy.deepcopy(model.mocohub_config["mocohub"])
+
+
+def test_features_only_model_is_refused_by_save_pretrained(tmp_path):
+    from mocohub.errors import MocohubError
+    from mocohub.zoo.pretrained import build_config, build_model, save_pretrained
+
+    model = build_model(build_config("resnet18", num_features=512, stem="cifar"))
+    save_pretrained(model, tmp_path / "export")
+    features = mocohub.from_pretrained(str(tmp_path / "export"), features_only=True)
+    with pytest.raises(MocohubError, match="features_only model cannot be saved"):
+        save_pretrained(features, tmp_path / "broken")
+    assert not (tmp_path / "broken").exists()

@@ -14,8 +14,10 @@ from typing import Any, Mapping
 import timm
 import torch
 import torch.nn as nn
+from timm.models import FeatureInfo
 from safetensors.torch import load_file, save_file
 
+from ..errors import MocohubError
 from ..fileio import atomic_write
 from ..backbones import RESNET_ARCHS, create_resnet
 from .card import CARD_NAME, model_card
@@ -107,7 +109,11 @@ def save_pretrained(model: nn.Module, save_dir: str | os.PathLike,
     """Save a backbone built by mocohub; ``config`` defaults to the one it carries."""
     config = dict(config or getattr(model, "mocohub_config", None) or {})
     if not config:
-        raise ValueError("model carries no mocohub config; pass config=build_config(...)")
+        raise MocohubError("the model carries no mocohub config: pass config=build_config(...)")
+    if isinstance(getattr(model, "feature_info", None), FeatureInfo):
+        raise MocohubError("a features_only model cannot be saved as a backbone (its weights lack the "
+                           "pooled model's layout): save the model from_pretrained(...) returns without "
+                           "features_only, then load it with features_only=True")
     config["num_classes"] = getattr(model, "num_classes", config.get("num_classes", 0))
     config["pretrained_cfg"] = dict(getattr(model, "pretrained_cfg", config.get("pretrained_cfg", {})),
                                     num_classes=config["num_classes"])
