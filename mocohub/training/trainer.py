@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import tempfile
@@ -230,13 +231,13 @@ class Trainer:
         correct = (logits.argmax(dim=1) == labels).float().mean()
         return loss.detach(), correct.detach()
 
-    def _flush(self, pending: list[tuple[int, float, torch.Tensor, torch.Tensor]]) -> list[float]:
-        """Move the buffered losses to the host (the only sync), check them, log them."""
+    def _flush(self, pending: list[tuple[int, float, torch.Tensor, torch.Tensor]]) -> list[list[float]]:
+        """Move the buffered [loss, accuracy] pairs to the host (the only sync), check, log them."""
         if not pending:
             return []
         values = torch.stack([torch.stack([loss, acc]) for _, _, loss, acc in pending]).cpu().tolist()
         for (step, lr, _, _), (loss, _) in zip(pending, values):
-            if not torch.isfinite(torch.tensor(loss)):
+            if not math.isfinite(loss):
                 raise MocohubError(
                     f"the loss became {loss} at step {step} (epoch {self.epoch}); the run stopped without "
                     f"saving, so {self.run_dir / CHECKPOINT_NAME} still holds the last good state. "
@@ -246,7 +247,7 @@ class Trainer:
                 {"step": step, "epoch": self.epoch, "loss": loss, "acc1": 100 * acc, "lr": lr}
                 for (step, lr, _, _), (loss, acc) in zip(pending, values)])
         pending.clear()
-        return [v[0] for v in values]
+        return values
 
     def _train_epoch(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -256,29 +257,28 @@ class Trainer:
         loader = self._loader(self.dataset, self.sampler, self.per_rank, drop_last=True)
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
                    disable=not (self.rt.main and cfg.progress), dynamic_ncols=True, unit="step")
-        pending, losses, accs, failed, images, t0 = [], [], [], 0, 0, time.perf_counter()
+        pending, logged, failed, images, t0 = [], [], 0, 0, time.perf_counter()
         epoch_lr = self.optimizer.param_groups[0]["lr"]
         for batch in loader:
             global_step = self.epoch * self.steps_per_epoch + self.step_in_epoch
             lr = self.optimizer.param_groups[0]["lr"]
             loss, acc = self._train_step(*batch.images)
             pending.append((global_step, lr, loss, acc))
-            accs.append(acc)
             failed += self._note_failed(batch.failed)
             images += self.per_rank * self.rt.world
             self.step_in_epoch += 1
             bar.update(1)
             if len(pending) >= cfg.log_every or self.step_in_epoch == self.steps_per_epoch:
-                losses += self._flush(pending)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.4g}",
+                logged += self._flush(pending)
+                bar.set_postfix(loss=f"{logged[-1][0]:.4f}", lr=f"{lr:.4g}",
                                 img_s=f"{images / (time.perf_counter() - t0):.0f}")
             if self._should_stop(global_step + 1):
                 break
-        losses += self._flush(pending)
+        logged += self._flush(pending)
         bar.close()
-        elapsed = time.perf_counter() - t0
-        return {"epoch": self.epoch, "loss": sum(losses) / max(1, len(losses)),
-                "acc1": 100 * float(torch.stack(accs).mean()) if accs else None,
+        elapsed, n = time.perf_counter() - t0, max(1, len(logged))
+        return {"epoch": self.epoch, "loss": sum(v[0] for v in logged) / n,
+                "acc1": 100 * sum(v[1] for v in logged) / n,
                 "lr": epoch_lr, "images_per_s": images / max(elapsed, 1e-9),
                 "seconds": elapsed, "skipped": len(self.dataset.skipped) + int(self.rt.sum(failed))}
 
