@@ -1,6 +1,7 @@
 """The trainer and `mocohub train`, end to end on tiny generated folders."""
 import hashlib
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -200,3 +201,21 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes(folders, tmp_path):
     assert 2 <= done < 10 and state["step_in_epoch"] == done % 5
     assert main(["train", str(train_dir), *TINY, "--epochs", "2", "--out", str(run)]) == 0
     assert [s["step"] for s in _steps(run)] == list(range(10))
+
+
+def test_val_folder_is_checked_before_training(folders, tmp_path, capsys):
+    train_dir, _ = folders
+    other = tmp_path / "val" / "zebra"
+    other.mkdir(parents=True)
+    shutil.copy(next((train_dir / "circle").iterdir()), other / "z.png")
+    run = tmp_path / "run"
+    assert main(["train", str(train_dir), *TINY, "--out", str(run), "--val", str(tmp_path / "val")]) == 2
+    assert "the kNN monitor needs the same class sub-folders" in capsys.readouterr().err
+    assert not (run / "checkpoint.pth.tar").exists()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, image in enumerate(sorted((train_dir / "circle").iterdir())):
+        shutil.copy(image, flat / f"{i}.png")
+    assert main(["train", str(flat), *TINY, "--batch-size", "4", "--moco-k", "8", "--out", str(run),
+                 "--val", str(tmp_path / "val")]) == 2
+    assert "--val needs labelled training images" in capsys.readouterr().err

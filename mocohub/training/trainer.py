@@ -139,6 +139,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         view = augmentation(cfg.aug, cfg.image_size)
         self.dataset = ImageFolder(cfg.data, TwoViews(view), seed=cfg.seed)
+        self.knn_sets = self._knn_datasets() if cfg.val else None
         self.per_rank = cfg.batch_size // self.rt.world
         if len(self.dataset) < cfg.batch_size:
             raise MocohubError(f"{cfg.data} has {len(self.dataset)} images, fewer than one batch of "
@@ -292,14 +293,27 @@ class Trainer:
     def _should_stop(self, steps_done: int) -> bool:
         return self._stop_signal is not None or (self.cfg.max_steps is not None and steps_done >= self.cfg.max_steps)
 
-    def _knn(self) -> dict[str, float]:
+    def _knn_datasets(self) -> tuple[ImageFolder, ImageFolder]:
+        """The kNN monitor's bank (the training images) and queries, checked before training starts."""
         cfg = self.cfg
         mean, std = AUGMENTATIONS[cfg.aug][2]
         transform = transform_for(pretrained_cfg_for(cfg.image_size, mean, std))
-        bank = ImageFolder(cfg.data, transform, on_error="skip")
+        with warnings.catch_warnings():  # the training set already reported its non-image files
+            warnings.simplefilter("ignore")
+            bank = ImageFolder(cfg.data, transform, on_error="skip")
         val = ImageFolder(cfg.val, transform, on_error="skip")
+        if not bank.classes:
+            raise MocohubError(f"--val needs labelled training images for the kNN bank: put {cfg.data}'s "
+                               "images in class sub-folders, or drop --val")
+        if bank.classes != val.classes:
+            raise MocohubError(f"--val {cfg.val} has classes {val.classes[:5]}..., the training folder "
+                               f"{bank.classes[:5]}...: the kNN monitor needs the same class sub-folders")
+        return bank, val
+
+    def _knn(self) -> dict[str, float]:
+        cfg = self.cfg
         batch = max(self.per_rank, 256)
-        loaders = [self._loader(ds, None, batch, drop_last=False) for ds in (bank, val)]
+        loaders = [self._loader(ds, None, batch, drop_last=False) for ds in self.knn_sets]
         result = knn_evaluate(self.model.encoder_q, *loaders, k=cfg.knn_k, t=cfg.knn_t, device=self.rt.device,
                               precision=cfg.precision, channels_last=cfg.channels_last)
         return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
@@ -317,9 +331,6 @@ class Trainer:
     def fit(self) -> Path:
         """Train to ``cfg.epochs`` (or ``max_steps``), checkpointing each epoch; export the backbone."""
         cfg, metrics = self.cfg, {}
-        if cfg.val and self.dataset.classes == [] and self.rt.main:
-            raise MocohubError(f"--val needs labelled training images for the kNN bank: put {cfg.data}'s "
-                               "images in class sub-folders, or drop --val")
         handles_signals = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if handles_signals else {}
         try:
