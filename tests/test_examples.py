@@ -52,8 +52,14 @@ def test_faster_rcnn(tiny):
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 
 
+def test_custom_training_loop(tiny):
+    losses = _run("custom_training_loop.py", ["--images", str(tiny[1]), "--arch", "resnet18", "--image-size", "16",
+                                              "--batch-size", "8", "--queue", "16", "--steps", "3", "--workers", "0"])
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+
+
 def test_examples_document_themselves():
-    for name in ("finetune_classifier.py", "nearest_neighbours.py", "faster_rcnn.py"):
+    for name in ("finetune_classifier.py", "nearest_neighbours.py", "faster_rcnn.py", "custom_training_loop.py"):
         assert "python examples/" + name in ast.get_docstring(ast.parse((EXAMPLES / name).read_text()))
     help_text = subprocess.run([sys.executable, str(EXAMPLES / "faster_rcnn.py"), "--help"], capture_output=True,
                                text=True, check=True).stdout  # runnable as a script, outside the test process
