@@ -25,10 +25,17 @@ from mocohub.algorithm import momentum_update_  # noqa: E402
 
 def _time(fn, repeats: int) -> float:
     fn()  # warm-up
+    _sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    _sync()
     return (time.perf_counter() - start) / repeats
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _step_fn(model, opt, x_q, x_k, precision: str):
@@ -47,10 +54,12 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="e.g. cuda")
     args = p.parse_args()
+    device = torch.device(args.device)
     cifar = args.size <= 64
     torch.manual_seed(0)
-    x_q, x_k = torch.randn(args.batch, 3, args.size, args.size), torch.randn(args.batch, 3, args.size, args.size)
+    x_q, x_k = (torch.randn(args.batch, 3, args.size, args.size, device=device) for _ in range(2))
     results = {}
     variants = {
         "official (fp32, NCHW)": ("official", "fp32", False),
@@ -63,7 +72,7 @@ def main() -> None:
         else:
             model = MoCo(args.arch, dim=128, K=4096, m=0.99, T=0.1, stem="cifar" if cifar else "imagenet")
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model = model.to(memory_format=fmt)
+        model = model.to(device, memory_format=fmt)
         opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
         seconds = _time(_step_fn(model, opt, x_q.contiguous(memory_format=fmt), x_k.contiguous(memory_format=fmt),
                                  precision), args.repeats)
@@ -72,7 +81,7 @@ def main() -> None:
     for label, ips in results.items():
         print(f"{label:32s} {ips:8.1f} img/s   x{ips / base:.2f}")
 
-    model = MoCo(args.arch, dim=128, K=4096)
+    model = MoCo(args.arch, dim=128, K=4096).to(device)
     k, q = list(model.encoder_k.parameters()), list(model.encoder_q.parameters())
 
     def loop():

@@ -36,14 +36,14 @@ class ReferenceMoCo(nn.Module):
         with torch.no_grad():
             for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
                 param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
-            idx_shuffle = torch.randperm(im_k.shape[0])
+            idx_shuffle = torch.randperm(im_k.shape[0]).to(im_k.device)
             idx_unshuffle = torch.argsort(idx_shuffle)
             k = nn.functional.normalize(self.encoder_k(im_k[idx_shuffle]), dim=1)
             k = k[idx_unshuffle]
         l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
         l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])
         logits = torch.cat([l_pos, l_neg], dim=1) / self.T
-        labels = torch.zeros(logits.shape[0], dtype=torch.long)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         with torch.no_grad():
             ptr = int(self.queue_ptr)
             self.queue[:, ptr:ptr + k.shape[0]] = k.T
