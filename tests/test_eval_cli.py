@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 import mocohub
 from eval_fixtures import make_image_folder, tiny_resnet

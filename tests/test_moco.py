@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from mocohub import MoCo
 from mocohub.algorithm import SplitBatchNorm, momentum_update_
-from reference_moco import ReferenceMoCo, official_encoder
+from reference_moco import ReferenceMoCo
 
 
 def _strip(sd, prefix="module."):

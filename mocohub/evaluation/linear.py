@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MocohubError
 from ..precision import autocast
-from .embeddings import Embeddings, embed_batch, model_device
+from .embeddings import Embeddings, model_device
 from .knn import topk_accuracy
 
 __all__ = [
