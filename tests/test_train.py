@@ -219,3 +219,14 @@ def test_val_folder_is_checked_before_training(folders, tmp_path, capsys):
     assert main(["train", str(flat), *TINY, "--batch-size", "4", "--moco-k", "8", "--out", str(run),
                  "--val", str(tmp_path / "val")]) == 2
     assert "--val needs labelled training images" in capsys.readouterr().err
+
+
+def test_step_log_averages_each_interval(folders, tmp_path):
+    train_dir, _ = folders
+    base = dict(data=str(train_dir), image_size=16, batch_size=8, moco_k=32, workers=0, progress=False, epochs=1)
+    train(TrainConfig.from_recipe("cifar", out=str(tmp_path / "each"), log_every=1, **base))
+    train(TrainConfig.from_recipe("cifar", out=str(tmp_path / "pairs"), log_every=2, **base))
+    each, pairs = _steps(tmp_path / "each"), _steps(tmp_path / "pairs")
+    assert [(r["step"], r["steps"]) for r in pairs] == [(1, 2), (3, 2), (4, 1)]  # the epoch end flushes
+    assert pairs[0]["loss"] == pytest.approx((each[0]["loss"] + each[1]["loss"]) / 2, rel=1e-6)
+    assert pairs[2]["loss"] == pytest.approx(each[4]["loss"], rel=1e-6)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import tempfile
 import threading
 import time
@@ -243,10 +244,11 @@ class Trainer:
                     f"the loss became {loss} at step {step} (epoch {self.epoch}); the run stopped without "
                     f"saving, so {self.run_dir / CHECKPOINT_NAME} still holds the last good state. "
                     "Lower --lr or train with --precision fp32", exit_code=3)
-        if self.rt.main:
+        if self.rt.main:  # one line per interval: its last step, mean loss and accuracy, lr
+            losses, accs = zip(*values)
             _append_jsonl(self.run_dir / STEPS_NAME, [
-                {"step": step, "epoch": self.epoch, "loss": loss, "acc1": 100 * acc, "lr": lr}
-                for (step, lr, _, _), (loss, acc) in zip(pending, values)])
+                {"step": pending[-1][0], "epoch": self.epoch, "steps": len(values), "loss": statistics.fmean(losses),
+                 "acc1": 100 * statistics.fmean(accs), "lr": pending[-1][1]}])
         pending.clear()
         return values
 
