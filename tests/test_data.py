@@ -49,7 +49,8 @@ def test_formats_modes_labels_and_broken_files(mixed):
 
 
 def test_skip_mode_drops_broken_images_in_the_batch(mixed):
-    ds = ImageFolder(mixed, T.ToTensor(), on_error="skip")
+    with pytest.warns(UserWarning, match="readme.txt"):
+        ds = ImageFolder(mixed, T.ToTensor(), on_error="skip")
     batch = collate_images([ds[i] for i in range(len(ds))])
     assert batch.images.shape == (5, 3, 12, 20)
     assert batch.indices.tolist() == [0, 1, 2, 3, 4]
