@@ -187,13 +187,14 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes(folders, tmp_path):
 
     train_dir, _ = folders
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mocohub", "train", str(train_dir), *TINY, "--epochs", "2", "--out", str(run)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    cmd = [sys.executable, "-m", "mocohub", "train", str(train_dir), *TINY, "--workers", "2", "--epochs", "2",
+           "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "steps.jsonl").exists() and len(_steps(run)) >= 2):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler or `timeout` does: loader workers get it too
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     state = load_checkpoint(run / "checkpoint.pth.tar")["mocohub"]

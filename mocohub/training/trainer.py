@@ -104,6 +104,13 @@ def _prepare_run_dir(path: Path) -> None:
         raise MocohubError(f"cannot write to run directory {path}: {e.strerror}; choose another --out") from e
 
 
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """Ctrl-C and SIGTERM reach a whole process group; loader workers ignore them so the trainer
+    can finish its step, checkpoint and shut them down (instead of dying under it mid-step)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _trim_jsonl(path: Path, keep) -> None:
     """Drop the log lines a resumed run will write again (those after its checkpoint)."""
     if path.exists():
@@ -142,6 +149,10 @@ class Trainer:
         self.dataset = ImageFolder(cfg.data, TwoViews(view), seed=cfg.seed)
         self.knn_sets = self._knn_datasets() if cfg.val else None
         self.per_rank = cfg.batch_size // self.rt.world
+        if self.rt.device.type == "cpu" and self.per_rank * cfg.image_size ** 2 > 64 * 224 ** 2:
+            warnings.warn(f"training on the CPU with {self.per_rank} images of {cfg.image_size} px per step needs "
+                          "tens of GB of memory and hours per epoch; for a first CPU run use --recipe cifar "
+                          "or a smaller --batch-size (and --moco-k a multiple of it)", stacklevel=2)
         if len(self.dataset) < cfg.batch_size:
             raise MocohubError(f"{cfg.data} has {len(self.dataset)} images, fewer than one batch of "
                                f"{cfg.batch_size}: lower --batch-size (and --moco-k to a multiple of it)")
@@ -215,7 +226,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.cfg.seed + self.epoch)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.workers,
                           collate_fn=collate_images, pin_memory=self.rt.device.type == "cuda",
-                          drop_last=drop_last, generator=generator)
+                          drop_last=drop_last, generator=generator, worker_init_fn=_leave_signals_to_the_trainer)
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
