@@ -344,6 +344,11 @@ class Trainer:
     def fit(self) -> Path:
         """Train to ``cfg.epochs`` (or ``max_steps``), checkpointing each epoch; export the backbone."""
         cfg, metrics = self.cfg, {}
+        if self.rt.main:
+            tqdm.write(f"MoCo {cfg.moco_version} ({cfg.recipe}): {cfg.arch} on {len(self.dataset)} images of {cfg.data}, "
+                       f"{cfg.image_size} px, batch {cfg.batch_size} over {self.rt.world} process(es) on "
+                       f"{self.rt.device.type}, {self.steps_per_epoch} steps/epoch, K {cfg.moco_k}, "
+                       f"BN in {self.bn_splits} group(s) per process -> {self.run_dir}")
         handles_signals = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if handles_signals else {}
         try:
