@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..algorithm import MoCo
+from ..algorithm.distributed import rank, world_size
 from ..backbones import RESNET_ARCHS, STEMS
 from ..data.augment import AUGMENTATIONS, TwoViews, augmentation
 from ..data.folder import ImageFolder, collate_images
@@ -47,8 +48,7 @@ class _Runtime:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
             self.owns_group = True
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world, self.rank = world_size(), rank()
         local = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda":
@@ -147,6 +147,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         view = augmentation(cfg.aug, cfg.image_size)
         self.dataset = ImageFolder(cfg.data, TwoViews(view), seed=cfg.seed)
+        # evaluation preprocessing: the recipe's normalisation at the training crop size
+        self.eval_cfg = pretrained_cfg_for(cfg.image_size, *AUGMENTATIONS[cfg.aug][2])
         self.knn_sets = self._knn_datasets() if cfg.val else None
         self.per_rank = cfg.batch_size // self.rt.world
         if self.rt.device.type == "cpu" and self.per_rank * cfg.image_size ** 2 > 64 * 224 ** 2:
@@ -179,6 +181,11 @@ class Trainer:
         if resume is not None:
             self._load(resume)
 
+    @property
+    def global_step(self) -> int:
+        """Optimisation steps done so far, over all epochs."""
+        return self.epoch * self.steps_per_epoch + self.step_in_epoch
+
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         return {
@@ -208,7 +215,7 @@ class Trainer:
             self.scaler.load_state_dict(extra["scaler"])
             set_rng_state(extra["rng"])
             self.step_in_epoch = int(extra["step_in_epoch"])
-        done = self.epoch * self.steps_per_epoch + self.step_in_epoch
+        done = self.global_step
         # The lr is a function of --lr and the position (as in the official code), so a resumed run
         # may lower --lr; an official checkpoint's epoch is the next one to run.
         self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
@@ -274,7 +281,7 @@ class Trainer:
         pending, logged, failed, images, t0 = [], [], 0, 0, time.perf_counter()
         epoch_lr = self.optimizer.param_groups[0]["lr"]
         for batch in loader:
-            global_step = self.epoch * self.steps_per_epoch + self.step_in_epoch
+            global_step = self.global_step
             lr = self.optimizer.param_groups[0]["lr"]
             loss, acc = self._train_step(*batch.images)
             pending.append((global_step, lr, loss, acc))
@@ -286,7 +293,7 @@ class Trainer:
                 logged += self._flush(pending)
                 bar.set_postfix(loss=f"{logged[-1][0]:.4f}", lr=f"{lr:.4g}",
                                 img_s=f"{images / (time.perf_counter() - t0):.0f}")
-            if self._should_stop(global_step + 1):
+            if self._should_stop(self.global_step):
                 break
         logged += self._flush(pending)
         bar.close()
@@ -309,8 +316,7 @@ class Trainer:
     def _knn_datasets(self) -> tuple[ImageFolder, ImageFolder]:
         """The kNN monitor's bank (the training images) and queries, checked before training starts."""
         cfg = self.cfg
-        mean, std = AUGMENTATIONS[cfg.aug][2]
-        transform = transform_for(pretrained_cfg_for(cfg.image_size, mean, std))
+        transform = transform_for(self.eval_cfg)
         with warnings.catch_warnings():  # the training set already reported its non-image files
             warnings.simplefilter("ignore")
             bank = ImageFolder(cfg.data, transform, on_error="skip")
@@ -333,12 +339,11 @@ class Trainer:
 
     def _export(self, metrics: dict[str, Any]) -> Path:
         cfg = self.cfg
-        mean, std = AUGMENTATIONS[cfg.aug][2]
         state = self.model.backbone_state_dict()
         meta = {"moco_version": cfg.moco_version, "recipe": cfg.recipe, "epochs": self.epoch,
                 "source": "mocohub train", "dataset": str(cfg.data), **metrics}
         config = build_config(cfg.arch, num_features=self.model.encoder_q.num_features, stem=cfg.stem,
-                              pretrained_cfg=pretrained_cfg_for(cfg.image_size, mean, std), meta=meta)
+                              pretrained_cfg=self.eval_cfg, meta=meta)
         return write_pretrained(self.run_dir / BACKBONE_DIR, state, config)
 
     def fit(self) -> Path:
@@ -352,7 +357,7 @@ class Trainer:
         handles_signals = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if handles_signals else {}
         try:
-            while self.epoch < cfg.epochs and not self._should_stop(self.epoch * self.steps_per_epoch + self.step_in_epoch):
+            while self.epoch < cfg.epochs and not self._should_stop(self.global_step):
                 row = self._train_epoch()
                 if self.step_in_epoch < self.steps_per_epoch:  # stopped inside the epoch
                     self._save()
