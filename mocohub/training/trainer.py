@@ -350,7 +350,9 @@ class Trainer:
         """Train to ``cfg.epochs`` (or ``max_steps``), checkpointing each epoch; export the backbone."""
         cfg, metrics = self.cfg, {}
         if self.rt.main:
-            tqdm.write(f"MoCo {cfg.moco_version} ({cfg.recipe}): {cfg.arch} on {len(self.dataset)} images of {cfg.data}, "
+            head = "MLP" if cfg.mlp else "linear"
+            tqdm.write(f"MoCo, {cfg.recipe} recipe ({head} head, T {cfg.moco_t}): {cfg.arch} on "
+                       f"{len(self.dataset)} images of {cfg.data}, "
                        f"{cfg.image_size} px, batch {cfg.batch_size} over {self.rt.world} process(es) on "
                        f"{self.rt.device.type}, {self.steps_per_epoch} steps/epoch, K {cfg.moco_k}, "
                        f"BN in {self.bn_splits} group(s) per process -> {self.run_dir}")
