@@ -112,7 +112,7 @@ def test_cifar_recipe():
                             ("RandomGrayscale", 0.2), ("ToTensor", None), ("Normalize", None)]
     assert t.transforms[0].size == (32, 32) and t.transforms[0].scale == (0.08, 1.0)
     assert t.transforms[-1].mean == CIFAR_MEAN
-    with pytest.raises(ValueError, match="valid: moco-v1, moco-v2, cifar"):
+    with pytest.raises(ValueError, match="valid: moco-v1, moco-v2, moco-v3, cifar"):
         augmentation("simclr")
 
 

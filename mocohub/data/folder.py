@@ -7,17 +7,18 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import MocohubError
+from .cache import CACHE_CHOICES, ImageCache, cache_budget, estimate_decoded_bytes
+from .convert import DECODE_ERRORS, load_rgb, uint8_to_pil
 
-__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_WORKERS", "ImageFolder", "Batch", "collate_images", "load_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_WORKERS", "ImageFolder", "Batch", "collate_images", "load_rgb", "sample_seed"]
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # decoding processes: more than the cores only contend
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
-DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 MAX_SUBSTITUTES = 16
 
 
@@ -30,12 +31,9 @@ class Batch(NamedTuple):
     failed: list[str]
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode fully (so truncation surfaces here, not later) and convert any mode to RGB,
-    as torchvision's ImageFolder loader does."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s augmentations in ``epoch`` (the same in every process)."""
+    return hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class ImageFolder(Dataset):
@@ -45,15 +43,26 @@ class ImageFolder(Dataset):
     otherwise every label is -1. Files with other extensions are listed in ``skipped``.
     With ``on_error="substitute"`` (training) an undecodable image is replaced by the next
     good one so batches keep their size; with ``"skip"`` (evaluation) it is dropped.
-    With a ``seed``, the random transform of sample i in epoch e draws from a generator seeded by
-    (seed, e, i): augmentations then do not depend on worker count, order or a resume.
+    With a ``seed``, the random transform of sample i in epoch e draws from torch's CPU generator
+    seeded by (seed, e, i) (and restored after): augmentations then do not depend on worker
+    count, order or a resume. The CUDA generators are left alone (torch.manual_seed would reseed
+    them at every sample, e.g. the Shuffle-BN permutation's with workers=0).
+
+    ``cache_images``: "on" decodes every image once, here, into one shared-memory buffer that
+    loader workers read without copies (a ``MocohubError`` if the decoded images exceed
+    ``cache_budget`` bytes, default min(25% of available memory, 2 GiB)); "auto" does so when an
+    estimate from a sample of headers fits the budget, and streams from disk otherwise; "off"
+    always streams. Transforms with ``accepts_tensors = True`` then get the cached (3, H, W)
+    uint8 tensors, others PIL images as usual.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None, *,
                  on_error: str = "substitute", extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                 seed: int | None = None):
+                 seed: int | None = None, cache_images: str = "off", cache_budget: int | None = None):
         if on_error not in ("substitute", "skip"):
             raise ValueError(f"on_error must be 'substitute' or 'skip', not {on_error!r}")
+        if cache_images not in CACHE_CHOICES:
+            raise ValueError(f"cache_images must be one of {', '.join(CACHE_CHOICES)}, not {cache_images!r}")
         self.root = Path(root)
         if not self.root.is_dir():
             raise MocohubError(f"image folder {self.root} does not exist or is not a folder")
@@ -78,6 +87,21 @@ class ImageFolder(Dataset):
         if self.skipped:
             warnings.warn(f"{len(self.skipped)} non-image file(s) under {self.root} ignored, "
                           f"e.g. {self.skipped[0]}", stacklevel=2)
+        self.cache = self._make_cache(cache_images, cache_budget)
+
+    def _make_cache(self, mode: str, budget: int | None) -> ImageCache | None:
+        if mode == "off":
+            return None
+        budget = cache_budget() if budget is None else budget
+        paths = [p for p, _ in self.samples]
+        if mode == "auto" and estimate_decoded_bytes(paths) > budget:
+            return None
+        try:
+            return ImageCache(paths, budget)
+        except MocohubError:
+            if mode == "on":
+                raise
+            return None  # the estimate was too low: stream
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -90,15 +114,20 @@ class ImageFolder(Dataset):
         """Select the epoch's augmentations (takes effect in DataLoader iterators made after it)."""
         self.epoch = epoch
 
+    def _image(self, index: int) -> Image.Image | torch.Tensor:
+        if self.cache is None:
+            return load_rgb(self.samples[index][0])
+        image = self.cache[index]
+        return image if getattr(self.transform, "accepts_tensors", False) else uint8_to_pil(image)
+
     def _load(self, index: int):
-        path, label = self.samples[index]
-        image = load_rgb(path)
+        image, label = self._image(index), self.samples[index][1]
         if self.transform is None:
             return image, label
         if self.seed is None:
             return self.transform(image), label
-        with torch.random.fork_rng(devices=()):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        with torch.random.fork_rng(devices=()):  # restores the CPU generator only: seed only it
+            torch.random.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
             return self.transform(image), label
 
     def __getitem__(self, index: int):
