@@ -15,12 +15,12 @@ from ..errors import MocohubError
 from .download import cached_backbone, download
 from .formats import Backbone, convert, read_checkpoint
 from .hub import HUB_PREFIX, download_hub_repo
+from .instantiate import build_loaded
 from .pretrained import CONFIG_NAME, RUN_CHECKPOINT, RUN_EXPORT, build_model, read_pretrained_dir
 from .registry import ALIASES, REGISTRY, get_model
 from .transforms import transform_for
 
 __all__ = ["resolve_source", "from_pretrained", "zoo_model"]
-
 
 
 def _local(path: Path) -> Backbone:
@@ -62,34 +62,30 @@ def resolve_source(source: str | Path, *, check_hash: str | None = None, progres
     return _local(path)
 
 
-def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, fresh: str | None = None) -> None:
-    """Load every weight; only a freshly initialised classifier (``fresh.``) may stay missing."""
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not (fresh and k.startswith(f"{fresh}."))]
-    if missing or unexpected:
-        raise MocohubError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-
 def _features_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
                     out_indices: Sequence[int] | None, **kwargs: Any) -> nn.Module:
     arch = config["architecture"]
     if out_indices is not None:
         kwargs["out_indices"] = tuple(out_indices)
-    try:
-        model = timm.create_model(arch, features_only=True, **config.get("model_args", {}), **kwargs)
-    except (IndexError, AssertionError) as e:
-        levels = len(build_model(config).feature_info)
-        raise MocohubError(f"bad out_indices {out_indices} for {arch}: it has {levels} feature levels, "
-                           f"valid indices are 0..{levels - 1} (or negative from the end)") from e
-    if config.get("mocohub", {}).get("stem") == "cifar":
-        apply_cifar_stem(model)
+
+    def build() -> nn.Module:
+        try:
+            model = timm.create_model(arch, features_only=True, **config.get("model_args", {}), **kwargs)
+        except (IndexError, AssertionError) as e:
+            levels = len(build_model(config).feature_info)
+            raise MocohubError(f"bad out_indices {out_indices} for {arch}: it has {levels} feature levels, "
+                               f"valid indices are 0..{levels - 1} (or negative from the end)") from e
+        return apply_cifar_stem(model) if config.get("mocohub", {}).get("stem") == "cifar" else model
+
+    with torch.device("meta"):
+        names = build().state_dict()
     # a features model keeps the backbone's names, under "model." for timm's getter wrapper (ViT)
     wanted = {}
-    for key in model.state_dict():
+    for key in names:
         source = key if key in state_dict else key.removeprefix("model.")
         if source in state_dict:
             wanted[key] = state_dict[source]
-    _load_strict(model, wanted)
+    model = build_loaded(build, wanted)
     model.pretrained_cfg = dict(config["pretrained_cfg"])
     return model
 
@@ -117,8 +113,8 @@ def from_pretrained(source: str | Path, *, features_only: bool = False,
     if features_only:
         model = _features_model(config, state_dict, out_indices, **kwargs)
     else:
-        model = build_model(config, **kwargs)
-        _load_strict(model, state_dict, fresh=classifier if want != have else None)
+        model = build_loaded(lambda: build_model(config, **kwargs), state_dict,
+                             fresh=classifier if want != have else None)
     model.mocohub_config = config
     model.eval_transform = transform_for(model)
     return model.eval()

@@ -21,6 +21,7 @@ from ..errors import MocohubError
 from ..fileio import atomic_write
 from ..backbones import RESNET_ARCHS, create_resnet
 from .card import CARD_NAME, model_card
+from .instantiate import build_loaded
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "RUN_CHECKPOINT", "RUN_EXPORT", "IMAGENET_PRETRAINED_CFG", "pretrained_cfg_for",
@@ -133,6 +134,4 @@ def read_pretrained_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
 def load_pretrained_dir(path: str | os.PathLike) -> nn.Module:
     """Load a folder written by ``write_pretrained``; every weight must fit (strict)."""
     state_dict, config = read_pretrained_dir(path)
-    model = build_model(config)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
+    return build_loaded(lambda: build_model(config), state_dict).eval()
