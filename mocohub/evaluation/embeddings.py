@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import MocohubError
-from ..precision import autocast
+from ..precision import autocast, resolve_channels_last, resolve_precision
 
 __all__ = ["Embeddings", "model_device", "embed_batch", "iter_embeddings",
            "compute_embeddings", "concat_embeddings"]
@@ -30,7 +30,7 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def embed_batch(model: nn.Module, images: torch.Tensor, *, device: torch.device, precision: str = "fp32",
+def embed_batch(model: nn.Module, images: torch.Tensor, *, device: torch.device, precision: str = "auto",
                 channels_last: bool = False, normalize: bool = True) -> torch.Tensor:
     """Float32 CPU features of one batch (L2-normalised unless ``normalize=False``, which a
     linear head needs); the caller sets eval mode and no_grad."""
@@ -47,14 +47,18 @@ def embed_batch(model: nn.Module, images: torch.Tensor, *, device: torch.device,
 
 
 def iter_embeddings(model: nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
-                    precision: str = "fp32", channels_last: bool = False,
+                    precision: str = "auto", channels_last: bool | str | None = None,
                     normalize: bool = True) -> Iterator[Embeddings]:
     """Yield the embeddings of each batch (features None when every image of it failed).
 
     ``device`` defaults to the model's; the model is moved there when it differs and is put
     in eval mode while the generator runs (BN running statistics, no dropout), then restored.
+    ``precision="auto"`` is bf16 where ``device`` computes it natively, else fp32; ``channels_last``
+    None follows the precision (NHWC with bf16/fp16).
     """
     device = torch.device(device) if device is not None else model_device(model)
+    precision = resolve_precision(precision, device)[0]
+    channels_last = resolve_channels_last(channels_last, precision)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -74,7 +78,7 @@ def iter_embeddings(model: nn.Module, loader: Iterable, *, device: torch.device 
 
 
 def compute_embeddings(model: nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
-                       precision: str = "fp32", channels_last: bool = False,
+                       precision: str = "auto", channels_last: bool | str | None = None,
                        progress: bool = False, normalize: bool = True) -> Embeddings:
     """Embed every batch of ``loader`` (``mocohub.data.folder.Batch`` items) into one Embeddings."""
     total = len(loader) if hasattr(loader, "__len__") else None

@@ -81,8 +81,8 @@ def _write_shard(path: Path, parts: list, failed: list[str]) -> None:
 
 def extract_embeddings(model: nn.Module, image_dir: str | os.PathLike, out: str | os.PathLike, *,
                        transform: Callable | None = None, batch_size: int = 64, workers: int = 0,
-                       device: torch.device | str | None = None, precision: str = "fp32",
-                       channels_last: bool = False, normalize: bool = True, shard_size: int = 4096,
+                       device: torch.device | str | None = None, precision: str = "auto",
+                       channels_last: bool | str | None = None, normalize: bool = True, shard_size: int = 4096,
                        overwrite: bool = False, resume: bool = False, progress: bool = False,
                        model_name: str | None = None) -> Path:
     """Embed every image under ``image_dir`` and write ``out`` (safetensors).

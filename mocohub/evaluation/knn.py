@@ -68,8 +68,8 @@ def _num_classes(train_loader: Iterable, val_loader: Iterable, train: Embeddings
 
 
 def knn_evaluate(model: nn.Module, train_loader: Iterable, val_loader: Iterable, *, k: int = 200,
-                 t: float = 0.1, device: torch.device | str | None = None, precision: str = "fp32",
-                 channels_last: bool = False, progress: bool = False) -> dict[str, Any]:
+                 t: float = 0.1, device: torch.device | str | None = None, precision: str = "auto",
+                 channels_last: bool | str | None = None, progress: bool = False) -> dict[str, Any]:
     """Embed both loaders with ``model`` and score val by weighted kNN on train (percent)."""
     opts = dict(device=device, precision=precision, channels_last=channels_last, progress=progress)
     train = compute_embeddings(model, train_loader, **opts)

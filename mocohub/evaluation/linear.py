@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import MocohubError
-from ..precision import autocast
+from ..precision import autocast, resolve_channels_last, resolve_precision
 from .embeddings import Embeddings, model_device
 from .knn import topk_accuracy
 
@@ -82,8 +82,10 @@ def _features(backbone: nn.Module, images: torch.Tensor, device: torch.device, p
 
 
 def evaluate_head(backbone: nn.Module, head: nn.Module, loader: Iterable, *, device: torch.device,
-                  precision: str = "fp32", channels_last: bool = False) -> dict[str, float]:
+                  precision: str = "auto", channels_last: bool | str | None = None) -> dict[str, float]:
     """Top-1/top-5 (percent) of ``head(backbone(x))`` over a labelled loader."""
+    precision = resolve_precision(precision, device)[0]
+    channels_last = resolve_channels_last(channels_last, precision)
     was_training = head.training
     head.eval()
     scores, labels = [], []
@@ -99,14 +101,17 @@ def evaluate_head(backbone: nn.Module, head: nn.Module, loader: Iterable, *, dev
 
 def train_linear_head(backbone: nn.Module, train_loader: Iterable, val_loader: Iterable, num_classes: int,
                       protocol: LinearProtocol, *, device: torch.device | str | None = None,
-                      precision: str = "fp32", channels_last: bool = False, progress: bool = False,
+                      precision: str = "auto", channels_last: bool | str | None = None, progress: bool = False,
                       on_epoch: Callable[[dict[str, Any]], None] | None = None) -> tuple[nn.Linear, dict[str, Any]]:
     """Train only a new fc on a frozen backbone kept in eval mode (BN statistics untouched).
 
     ``train_loader`` should yield ``protocol.batch_size`` augmented images per batch; val is
-    scored after every epoch and ``on_epoch`` receives each epoch's metrics.
+    scored after every epoch and ``on_epoch`` receives each epoch's metrics. ``precision="auto"``
+    is bf16 where ``device`` computes it natively, else fp32; ``channels_last`` None follows it.
     """
     device = torch.device(device) if device is not None else model_device(backbone)
+    precision = resolve_precision(precision, device)[0]
+    channels_last = resolve_channels_last(channels_last, precision)
     backbone.to(device).eval()
     if channels_last:
         backbone.to(memory_format=torch.channels_last)
