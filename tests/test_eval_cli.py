@@ -1,5 +1,6 @@
 """mocohub extract / knn / lincls end to end on generated folders and a saved tiny model."""
 import json
+import re
 
 import pytest
 
@@ -24,21 +25,28 @@ def _json_lines(capsys):
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 
-def test_knn_command(setup, capsys):
+def test_knn_prints_a_sentence_and_json_on_request(setup, capsys):
     model, train, val = setup
     assert main(["knn", model, "--train", train, "--val", val, "--k", "5", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"kNN top-1 100\.0 %, top-5 100\.0 % \(k=5, 12 val images, (fp32|bf16), [0-9.]+ s\)\n", out)
+    assert main(["knn", model, "--train", train, "--val", val, "--k", "5", "--precision", "fp32", "--json", *FAST]) == 0
     (metrics,) = _json_lines(capsys)
     assert metrics["top1"] == 100.0 and metrics["k"] == 5 and metrics["num_train"] == 24
+    assert metrics["precision"] == "fp32" and metrics["seconds"] > 0
 
 
-def test_fast_lincls_writes_a_loadable_classifier(setup, tmp_path, capsys):
+def test_fast_lincls_writes_a_loadable_classifier(setup, tmp_path, capsys, monkeypatch):
     model, train, val = setup
-    out = tmp_path / "clf"
-    assert main(["lincls", model, "--train", train, "--val", val, "--out", str(out), "--fast",
-                 "--fast-aug", "1", "--fast-wd", "1e-4", *FAST]) == 0
-    (metrics,) = _json_lines(capsys)
-    assert metrics["top1"] == 100.0 and metrics["num_train"] == 48 and metrics["weight_decay"] == 1e-4
-    assert json.loads((out / "metrics.jsonl").read_text()) == metrics
+    monkeypatch.chdir(tmp_path)  # no --out: a fresh runs/lincls-<model>-<time>
+    assert main(["lincls", model, "--train", train, "--val", val, "--fast", "--fast-aug", "1",
+                 "--fast-wd", "1e-4", "--json", *FAST]) == 0
+    (printed,) = _json_lines(capsys)
+    out = tmp_path / printed["out"]
+    assert out.parent == tmp_path / "runs" and out.name.startswith("lincls-model-")
+    assert printed["top1"] == 100.0 and printed["num_train"] == 48 and printed["weight_decay"] == 1e-4
+    logged = json.loads((out / "metrics.jsonl").read_text())
+    assert logged == {k: v for k, v in printed.items() if k not in ("model", "out", "precision", "seconds")}
     classifier = mocohub.from_pretrained(str(out), num_classes=None)
     assert classifier.num_classes == 3
     emb = load_embeddings(mocohub.evaluation.extract.extract_embeddings(
@@ -53,8 +61,11 @@ def test_official_lincls_logs_every_epoch(setup, tmp_path, capsys):
     out = tmp_path / "clf"
     assert main(["lincls", model, "--train", train, "--val", val, "--out", str(out), "--epochs", "2",
                  "--lr", "0.003", "--batch-size", "8", "--milestones", "1", *FAST]) == 0
-    lines = _json_lines(capsys)
-    assert [m["epoch"] for m in lines] == [1, 2] and lines[1]["lr"] == pytest.approx(0.0003)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["epoch 1/2", "epoch 2/2"] and "lr 0.0003" in lines[1]
+    assert lines[2].startswith("linear eval (v1, 2 epochs): top-1 ") and str(out) in lines[3]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in logged] == [1, 2] and logged[1]["lr"] == pytest.approx(0.0003)
     assert mocohub.from_pretrained(str(out), num_classes=None).fc.weight.shape == (3, 512)
 
 
@@ -62,6 +73,7 @@ def test_extract_command_and_bad_input(setup, tmp_path, capsys):
     model, train, _ = setup
     out = tmp_path / "emb.safetensors"
     assert main(["extract", model, train, str(out), *FAST]) == 0
+    assert capsys.readouterr().out.startswith(f"24 embeddings (512-d) of {train} -> {out} (")
     assert load_embeddings(out).features.shape == (24, 512)
     assert main(["extract", model, train, str(out), *FAST]) == 2
     assert "exists: pass --overwrite" in capsys.readouterr().err

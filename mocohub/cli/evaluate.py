@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import time
+import urllib.parse
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
+from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 from ..data.folder import DEFAULT_WORKERS, ImageFolder, collate_images
@@ -17,12 +21,49 @@ from ..evaluation.extract import extract_embeddings
 from ..evaluation.knn import knn_classify
 from ..evaluation.linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS, fast_linear_probe, resolve_protocol, train_linear_head
 from ..evaluation.transforms import linear_cfg, train_transform
-from ..precision import PRECISIONS
+from ..jsonlog import append_jsonl
+from ..precision import PRECISION_CHOICES, resolve_channels_last, resolve_precision
+from ..training.run_dir import fresh_run_dir
+from ..zoo.hub import HUB_PREFIX
 from ..zoo.loading import from_pretrained
-from ..zoo.pretrained import WEIGHTS_NAME
+from ..zoo.pretrained import RUN_EXPORT, WEIGHTS_NAME
 from ..zoo.transforms import transform_for
+from .output import add_json_flag, clean, count, duration, emit, num, pct, say
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "model_slug"]
+
+KNN_KEYS = "command, model, top1, top5 (percent), k, t, num_train, num_val, failed, precision, seconds"
+LINCLS_KEYS = ("command, model, mode (v1, v3 or fast), out, top1, top5 (percent), precision, seconds; "
+               "official protocol: epoch, lr, loss, best_top1, time_s; fast: fast_aug, weight_decay, "
+               "holdout_top1, num_train, num_val, fit_time_s")
+EXTRACT_KEYS = "command, model, out, num_images, dim, failed, precision, seconds"
+
+
+class Hardware(NamedTuple):
+    """Where and how the backbone runs, with ``auto`` resolved."""
+
+    device: torch.device
+    precision: str
+    channels_last: bool
+
+
+def _hardware(args: argparse.Namespace) -> Hardware:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = resolve_precision(args.precision, device)[0]
+    return Hardware(device, precision, resolve_channels_last(args.channels_last, precision))
+
+
+def model_slug(source: str) -> str:
+    """A short folder-name-safe name for a model source: zoo name, repo, folder or file name."""
+    text = source.rstrip("/\\")
+    if text.startswith(HUB_PREFIX):
+        text = text[len(HUB_PREFIX):].split("@")[0]
+    elif urllib.parse.urlparse(text).scheme in ("http", "https", "file"):
+        text = urllib.parse.urlparse(text).path
+    path = Path(text)
+    name = path.parent.name if path.name == RUN_EXPORT and path.parent.name else path.name
+    name = re.sub(r"(\.pth)?\.(tar|pth|pt|bin|safetensors|ckpt)$", "", name)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
 
 
 def _common(p: argparse.ArgumentParser, batch_size: int | None = 256) -> None:
@@ -30,8 +71,10 @@ def _common(p: argparse.ArgumentParser, batch_size: int | None = 256) -> None:
     p.add_argument("--batch-size", type=int, default=batch_size, metavar="N")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N", help="image decoding processes")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS), help="autocast dtype")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster with bf16/fp16)")
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                   help="autocast dtype; auto: bf16 where the device computes it natively, else fp32")
+    p.add_argument("--channels-last", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="NHWC memory format; auto: on with bf16/fp16, off with fp32")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -48,11 +91,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "Resumable: an interrupted run continues with --resume.", formatter_class=fmt)
     _common(p, batch_size=64)
     p.add_argument("image_dir", metavar="IMAGE_DIR")
-    p.add_argument("out", metavar="OUT")
+    p.add_argument("out", metavar="OUT", nargs="?",
+                   help="default: a new runs/extract-<model>-<time>/embeddings.safetensors")
     p.add_argument("--no-normalize", dest="normalize", action="store_false", help="raw, not L2-normalised, features")
     p.add_argument("--shard-size", type=int, default=4096, metavar="N", help="images per resumable shard")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and any interrupted run)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into OUT")
+    add_json_flag(p, EXTRACT_KEYS)
     p.set_defaults(func=run)
 
     p = sub.add_parser("knn", help="weighted kNN top-1/top-5 of a frozen backbone",
@@ -63,6 +108,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _labelled(p)
     p.add_argument("--k", type=int, default=200, help="neighbours (clipped to the train size)")
     p.add_argument("--t", type=float, default=0.1, help="temperature of the exp(similarity / t) weights")
+    add_json_flag(p, KNN_KEYS)
     p.set_defaults(func=run)
 
     p = sub.add_parser("lincls", help="linear evaluation: train an fc on a frozen backbone",
@@ -73,7 +119,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "and metrics.jsonl.", formatter_class=fmt)
     _common(p, batch_size=None)
     _labelled(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="export folder for backbone + classifier")
+    p.add_argument("--out", metavar="DIR", help="export folder for backbone + classifier "
+                                                "(default: a new runs/lincls-<model>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace a classifier already in --out")
     p.add_argument("--protocol", default="v1", choices=tuple(PROTOCOLS))
     proto = p.add_argument_group("protocol overrides (default: the protocol's value)")
@@ -90,18 +137,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fast.add_argument("--fast-aug", type=int, default=0, metavar="N", help="add N RRC+flip copies of train")
     fast.add_argument("--fast-wd", type=float, nargs="+", default=list(DEFAULT_WEIGHT_DECAYS), metavar="WD",
                       help="weight decays tried (chosen on a 20%% hold-out of train)")
+    add_json_flag(p, LINCLS_KEYS)
     p.set_defaults(func=run)
 
 
-def _device(args: argparse.Namespace) -> torch.device:
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _loader(folder: str, transform: Callable, args: argparse.Namespace, *, shuffle: bool = False,
+def _loader(folder: str, transform: Callable, args: argparse.Namespace, hw: Hardware, *, shuffle: bool = False,
             batch_size: int | None = None) -> DataLoader:
     data = ImageFolder(folder, transform, on_error="skip")
     return DataLoader(data, batch_size=batch_size or args.batch_size or 256, shuffle=shuffle,
-                      num_workers=args.workers, collate_fn=collate_images, pin_memory=_device(args).type == "cuda")
+                      num_workers=args.workers, collate_fn=collate_images, pin_memory=hw.device.type == "cuda")
 
 
 def _classes(train: DataLoader, val: DataLoader) -> list[str]:
@@ -114,75 +158,112 @@ def _classes(train: DataLoader, val: DataLoader) -> list[str]:
     return train_classes
 
 
-def _emit(record: dict[str, Any], path: Path | None = None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if path is not None:
-        with open(path, "a") as f:
-            f.write(line + "\n")
+def _skipped(failed: list[str]) -> str:
+    n = len(failed)
+    return f"\nskipped {n} undecodable image{'s' * (n != 1)}, e.g. {failed[0]}" if failed else ""
 
 
-def _embed(model, loader: DataLoader, args: argparse.Namespace, **kwargs: Any) -> Embeddings:
-    return compute_embeddings(model, loader, device=_device(args), precision=args.precision,
-                              channels_last=args.channels_last, progress=not args.quiet, **kwargs)
+def _embed(model, loader: DataLoader, args: argparse.Namespace, hw: Hardware, **kwargs: Any) -> Embeddings:
+    return compute_embeddings(model, loader, device=hw.device, precision=hw.precision,
+                              channels_last=hw.channels_last, progress=not args.quiet, **kwargs)
 
 
-def _knn(args: argparse.Namespace) -> int:
+def _knn(args: argparse.Namespace, hw: Hardware, start: float) -> int:
     model = from_pretrained(args.model)
-    train = _loader(args.train, model.eval_transform, args)
-    val = _loader(args.val, model.eval_transform, args)
+    train = _loader(args.train, model.eval_transform, args, hw)
+    val = _loader(args.val, model.eval_transform, args, hw)
     classes = _classes(train, val)
-    metrics = knn_classify(_embed(model, train, args), _embed(model, val, args), len(classes), k=args.k, t=args.t)
-    _emit({"command": "knn", "model": args.model, **metrics})
+    metrics = knn_classify(_embed(model, train, args, hw), _embed(model, val, args, hw), len(classes),
+                           k=args.k, t=args.t)
+    seconds = time.perf_counter() - start
+    human = (f"kNN top-1 {pct(metrics['top1'])}, top-5 {pct(metrics['top5'])} (k={metrics['k']}, "
+             f"{count(metrics['num_val'])} val images, {hw.precision}, {duration(seconds)})"
+             + _skipped(metrics["failed"]))
+    emit({"command": "knn", "model": args.model, **metrics, "precision": hw.precision, "seconds": seconds},
+         human, args.json)
     return 0
 
 
-def _lincls(args: argparse.Namespace) -> int:
+def _lincls_out(args: argparse.Namespace) -> Path:
+    if args.out is None:
+        return fresh_run_dir("lincls", model_slug(args.model))
     out = Path(args.out)
     if (out / WEIGHTS_NAME).exists() and not args.overwrite:
         raise MocohubError(f"{out} already holds a model: pass --overwrite to replace it")
+    return out
+
+
+def _lincls(args: argparse.Namespace, hw: Hardware, start: float) -> int:
+    out = _lincls_out(args)
     metrics_file = out / "metrics.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     metrics_file.unlink(missing_ok=True)
     model = from_pretrained(args.model)
     cfg = linear_cfg(model, input_size=args.input_size, crop_pct=args.crop_pct)
-    val = _loader(args.val, transform_for(cfg), args)
+    val = _loader(args.val, transform_for(cfg), args, hw)
     if args.fast:
-        train = _loader(args.train, transform_for(cfg), args)
+        train = _loader(args.train, transform_for(cfg), args, hw)
         classes = _classes(train, val)
-        parts = [_embed(model, train, args, normalize=False)]
+        parts = [_embed(model, train, args, hw, normalize=False)]
         for _ in range(args.fast_aug):
-            parts.append(_embed(model, _loader(args.train, train_transform(cfg), args), args, normalize=False))
+            parts.append(_embed(model, _loader(args.train, train_transform(cfg), args, hw), args, hw, normalize=False))
         train_emb = concat_embeddings(parts)._replace(failed=parts[0].failed)
-        head, metrics = fast_linear_probe(train_emb, _embed(model, val, args, normalize=False), len(classes),
+        head, metrics = fast_linear_probe(train_emb, _embed(model, val, args, hw, normalize=False), len(classes),
                                           weight_decays=args.fast_wd)
         metrics = {"command": "lincls", "mode": "fast", "fast_aug": args.fast_aug, **metrics}
-        _emit(metrics, metrics_file)
+        append_jsonl(metrics_file, [clean(metrics)])
+        chosen = (f"wd {num(metrics['weight_decay'])}" + (" chosen on a 20 % hold-out" if len(args.fast_wd) > 1 else ""))
+        summary = (f"linear probe (fast): top-1 {pct(metrics['top1'])}, top-5 {pct(metrics['top5'])} ({chosen}; "
+                   f"{count(metrics['num_train'])} train / {count(metrics['num_val'])} val images")
     else:
         protocol = resolve_protocol(args.protocol, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay, schedule=args.schedule,
                                     batch_size=args.batch_size,
                                     milestones=tuple(args.milestones) if args.milestones is not None else None)
-        train = _loader(args.train, train_transform(cfg), args, shuffle=True, batch_size=protocol.batch_size)
+        train = _loader(args.train, train_transform(cfg), args, hw, shuffle=True, batch_size=protocol.batch_size)
         classes = _classes(train, val)
-        head, metrics = train_linear_head(
-            model, train, val, len(classes), protocol, device=_device(args), precision=args.precision,
-            channels_last=args.channels_last, progress=not args.quiet,
-            on_epoch=lambda m: _emit({"command": "lincls", "mode": args.protocol, **m}, metrics_file))
-        metrics = {"mode": args.protocol, **metrics}
+
+        def on_epoch(m: dict[str, Any]) -> None:
+            append_jsonl(metrics_file, [clean({"command": "lincls", "mode": args.protocol, **m})])
+            say(f"epoch {m['epoch']}/{protocol.epochs}: loss {num(m['loss'])}, val top-1 {pct(m['top1'])}, "
+                f"top-5 {pct(m['top5'])}, lr {num(m['lr'])}", args.json)
+
+        head, metrics = train_linear_head(model, train, val, len(classes), protocol, device=hw.device,
+                                          precision=hw.precision, channels_last=hw.channels_last,
+                                          progress=not args.quiet, on_epoch=on_epoch)
+        metrics = {"command": "lincls", "mode": args.protocol, **metrics}
+        summary = (f"linear eval ({args.protocol}, {protocol.epochs} epochs): top-1 {pct(metrics['top1'])}, "
+                   f"top-5 {pct(metrics['top5'])}, best top-1 {pct(metrics['best_top1'])} "
+                   f"({count(len(val.dataset))} val images")
     save_classifier(model.cpu(), head, out, classes=classes, metrics=metrics)
+    seconds = time.perf_counter() - start
+    human = (f"{summary}, {hw.precision}, {duration(seconds)})\n"
+             f"classifier saved to {out}; load it with mocohub.from_pretrained({str(out)!r}, num_classes=None)")
+    emit({**metrics, "model": args.model, "out": str(out), "precision": hw.precision, "seconds": seconds},
+         human, args.json)
     return 0
 
 
-def _extract(args: argparse.Namespace) -> int:
+def _extract(args: argparse.Namespace, hw: Hardware, start: float) -> int:
+    if args.out is None and args.resume:
+        raise MocohubError("--resume continues an interrupted run: pass its OUT file too")
+    target = args.out or fresh_run_dir("extract", model_slug(args.model)) / "embeddings.safetensors"
     model = from_pretrained(args.model)
-    out = extract_embeddings(model, args.image_dir, args.out, batch_size=args.batch_size, workers=args.workers,
-                             device=_device(args), precision=args.precision, channels_last=args.channels_last,
+    out = extract_embeddings(model, args.image_dir, target, batch_size=args.batch_size, workers=args.workers,
+                             device=hw.device, precision=hw.precision, channels_last=hw.channels_last,
                              normalize=args.normalize, shard_size=args.shard_size, overwrite=args.overwrite,
                              resume=args.resume, progress=not args.quiet, model_name=args.model)
-    _emit({"command": "extract", "model": args.model, "out": str(out)})
+    with safe_open(str(out), "pt") as f:  # shapes and metadata only: the file may be large
+        num_images, dim = f.get_slice("embeddings").get_shape()
+        failed = json.loads(f.metadata()["failed"])
+    seconds = time.perf_counter() - start
+    human = (f"{count(num_images)} embeddings ({dim}-d) of {args.image_dir} -> {out} ({duration(seconds)})"
+             + _skipped(failed))
+    emit({"command": "extract", "model": args.model, "out": str(out), "num_images": num_images, "dim": dim,
+          "failed": failed, "precision": hw.precision, "seconds": seconds}, human, args.json)
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"extract": _extract, "knn": _knn, "lincls": _lincls}[args.command](args)
+    start = time.perf_counter()
+    return {"extract": _extract, "knn": _knn, "lincls": _lincls}[args.command](args, _hardware(args), start)
