@@ -123,3 +123,51 @@ def test_gaussian_blur_is_pil_blur_with_uniform_sigma():
     torch.manual_seed(5)
     out = GaussianBlur((0.1, 2.0))(img)
     assert out.tobytes() == img.filter(ImageFilter.GaussianBlur(radius=sigma)).tobytes()
+
+
+def test_per_sample_seeding_leaves_the_cuda_generators_alone(tmp_path, monkeypatch):
+    _save(tmp_path / "d" / "a.png", "RGB", "PNG")
+    ds = ImageFolder(tmp_path / "d", TwoViews(augmentation("cifar", 16)), seed=1)
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    ds[0]
+    assert reseeded == []
+
+
+class _SharedCheck:
+    """A transform reporting whether the worker got the cached image from shared memory."""
+
+    accepts_tensors = True
+
+    def __call__(self, image):
+        return torch.tensor([image.is_shared(), image.dtype == torch.uint8])
+
+
+def test_image_cache_decodes_once_and_shares_with_workers(mixed, monkeypatch):
+    with pytest.warns(UserWarning):
+        streamed = ImageFolder(mixed, T.PILToTensor())
+    with pytest.warns(UserWarning):
+        cached = ImageFolder(mixed, T.PILToTensor(), cache_images="on")
+    assert cached.cache is not None and cached.cache.data.is_shared()
+    assert [p.split("/")[-1] for p in cached.cache.failed] == ["truncated.png"]
+    expected = [streamed[i][0] for i in range(5)]
+    monkeypatch.setattr("mocohub.data.folder.load_rgb", None)  # no more file reads
+    for i in range(5):
+        assert torch.equal(cached[i][0], expected[i])
+    image, label, index, failed = cached[5]  # truncated: substituted and counted, as streamed
+    assert index == 0 and failed[0].endswith("truncated.png")
+    cached.transform = _SharedCheck()
+    loader = torch.utils.data.DataLoader(cached, batch_size=2, num_workers=2, collate_fn=collate_images)
+    assert bool(torch.cat([b.images for b in loader]).all())
+
+
+def test_image_cache_budget(mixed):
+    with pytest.warns(UserWarning):
+        assert ImageFolder(mixed, cache_images="auto").cache is not None  # a few KB
+    with pytest.warns(UserWarning):
+        assert ImageFolder(mixed, cache_images="auto", cache_budget=1000).cache is None  # streams
+    with pytest.warns(UserWarning), pytest.raises(MocohubError, match="cache_images='off'"):
+        ImageFolder(mixed, cache_images="on", cache_budget=1000)
+    with pytest.raises(ValueError, match="auto, on, off"):
+        ImageFolder(mixed, cache_images="yes")
