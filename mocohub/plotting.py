@@ -1,0 +1,146 @@
+"""Training curves of one or several runs as one PNG: loss, instance accuracy, lr and kNN top-1.
+
+matplotlib is optional (``pip install mocohub[plot]``). Figures are drawn on an Agg canvas of their
+own, never through pyplot, so plotting from a training loop or a notebook changes no global state.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+from .errors import MocohubError
+from .fileio import atomic_write
+from .jsonlog import METRICS_NAME, STEPS_NAME, read_jsonl
+
+__all__ = ["CURVES_NAME", "PLOT_INSTALL", "RunCurves", "read_run", "plot_runs", "write_curves"]
+
+CURVES_NAME = "curves.png"
+PLOT_INSTALL = "pip install 'mocohub[plot]' (or pip install matplotlib)"
+
+# (key, panel title, y label); loss, acc1 and lr come from steps.jsonl (else metrics.jsonl).
+_PANELS = (
+    ("loss", "InfoNCE loss", "loss"),
+    ("acc1", "Instance accuracy (positive key ranked first)", "top-1 (%)"),
+    ("lr", "Learning rate", "lr"),
+    ("knn_top1", "kNN top-1 on the val folder", "top-1 (%)"),
+)
+
+
+class RunCurves(NamedTuple):
+    """The logs of one run folder; ``steps_per_epoch`` is known once an epoch has completed."""
+
+    name: str
+    steps: list[dict[str, Any]]
+    epochs: list[dict[str, Any]]
+    steps_per_epoch: int | None
+
+
+def _steps_per_epoch(steps: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> int | None:
+    """The last step of a completed epoch e is (e + 1) * steps_per_epoch - 1 (intervals end there)."""
+    done = {row["epoch"] for row in epochs}
+    ends = [(row["step"] + 1) / (row["epoch"] + 1) for row in steps if row.get("epoch") in done]
+    return round(max(ends)) if ends else None
+
+
+def read_run(run_dir: str | os.PathLike, name: str | None = None) -> RunCurves:
+    """Both logs of ``run_dir``; a folder with neither is refused (it is not a training run)."""
+    run_dir = Path(run_dir)
+    steps, epochs = read_jsonl(run_dir / STEPS_NAME), read_jsonl(run_dir / METRICS_NAME)
+    if not steps and not epochs:
+        raise MocohubError(f"{run_dir} has no {STEPS_NAME} or {METRICS_NAME} yet: pass the folder of a "
+                           "`mocohub train` run (its --out)")
+    steps = [r for r in steps if "step" in r and "epoch" in r]
+    return RunCurves(name or run_dir.resolve().name, steps, epochs, _steps_per_epoch(steps, epochs))
+
+
+def _labels(run_dirs: Sequence[Path]) -> list[str]:
+    """Folder names, with more of the path where two runs share a name."""
+    parts = [p.resolve().parts for p in run_dirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in run_dirs]
+
+
+def _series(run: RunCurves, key: str, by_step: bool) -> tuple[list[float], list[float], bool]:
+    """x, y and whether the points are per epoch (drawn with markers) for one panel of one run."""
+    spe = run.steps_per_epoch
+    if key != "knn_top1" and run.steps:
+        rows = [r for r in run.steps if r.get(key) is not None]
+        xs = [(r["step"] + 1) if by_step else (r["step"] + 1) / spe for r in rows]
+        return xs, [r[key] for r in rows], False
+    rows = [r for r in run.epochs if r.get(key) is not None and (spe or not by_step)]
+    xs = [(r["epoch"] + 1) * spe if by_step else r["epoch"] + 1 for r in rows]
+    return xs, [r[key] for r in rows], True
+
+
+def _figure(runs: Sequence[RunCurves]):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MocohubError(f"plotting needs matplotlib: {PLOT_INSTALL}", exit_code=1) from None
+    # Steps on x only while some run has not finished an epoch (its steps/epoch is unknown).
+    by_step = any(run.steps and run.steps_per_epoch is None for run in runs)
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2, sharex=True)
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, (key, title, ylabel) in zip(axes.flat, _PANELS):
+        drawn = False
+        for run, colour in zip(runs, colours):
+            xs, ys, per_epoch = _series(run, key, by_step)
+            if xs:
+                ax.plot(xs, ys, color=colour, label=run.name, linewidth=1.4,
+                        marker="o" if per_epoch else None, markersize=4)
+                drawn = True
+        ax.set_title(title, fontsize=11)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if not drawn:
+            hint = "no kNN score yet\n(the monitor runs with --val DIR)" if key == "knn_top1" else "not logged"
+            ax.text(0.5, 0.5, hint, ha="center", va="center", transform=ax.transAxes, color="0.4")
+            ax.set_yticks([])
+    for ax in axes[1]:
+        ax.set_xlabel("step" if by_step else "epoch")
+        ax.tick_params(labelbottom=True)
+    if len(runs) > 1:
+        handles, names = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="outside lower center", ncols=min(4, len(runs)), frameon=False)
+        fig.suptitle(f"MoCo training: {len(runs)} runs", fontsize=13)
+    else:
+        run = runs[0]
+        epochs = f", {len(run.epochs)} epoch{'s' * (len(run.epochs) != 1)} done" if run.epochs else ""
+        fig.suptitle(f"MoCo training: {run.name}{epochs}", fontsize=13)
+    return fig
+
+
+def _save(runs: Sequence[RunCurves], out_png: str | os.PathLike) -> Path:
+    fig = _figure(runs)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def plot_runs(run_dirs: Sequence[str | os.PathLike], out_png: str | os.PathLike) -> Path:
+    """Draw every run of ``run_dirs`` into ``out_png`` (legend: the run folder names)."""
+    if not run_dirs:
+        raise MocohubError("no run folder given")
+    paths = [Path(p) for p in run_dirs]
+    return _save([read_run(p, name) for p, name in zip(paths, _labels(paths))], out_png)
+
+
+def write_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None) -> Path | None:
+    """Refresh ``run_dir/curves.png`` (or ``out_png``); None, silently, without matplotlib or any
+    logged row yet, so a training loop can call it every epoch whatever is installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    try:
+        run = read_run(run_dir)
+    except MocohubError:  # nothing logged yet
+        return None
+    return _save([run], out_png or Path(run_dir) / CURVES_NAME)
