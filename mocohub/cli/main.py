@@ -6,15 +6,17 @@ import sys
 from typing import Sequence
 
 from ..errors import MocohubError
-from . import demo, evaluate, train, zoo
+from . import demo, evaluate, info, plot, train, zoo
+from .output import EXIT_CODES
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (demo, train, zoo, evaluate)
+COMMANDS = (demo, train, zoo, info, evaluate, plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mocohub", description="Momentum Contrast: train, load, evaluate.")
+    parser = argparse.ArgumentParser(prog="mocohub", description="Momentum Contrast: train, load, evaluate.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.add_parser(sub)

@@ -16,9 +16,12 @@ from typing import Any, Mapping, Sequence
 __all__ = ["EXIT_CODES", "add_json_flag", "emit", "say", "clean", "pct", "count", "duration", "num", "params",
            "table"]
 
-EXIT_CODES = ("exit codes: 0 done; 1 a missing optional package (e.g. matplotlib for plot) or an unexpected "
-              "error; 2 bad usage or input (the message says which and how to fix it); 3 training stopped "
-              "on a NaN/inf loss (the last checkpoint is intact); 130 interrupted (Ctrl-C).")
+EXIT_CODES = """exit codes:
+  0    done
+  1    a missing optional package (matplotlib for plot, tensorboard) or an unexpected error
+  2    bad usage or input: the message says what is wrong and how to fix it
+  3    training stopped on a NaN/inf loss (the last checkpoint is intact)
+  130  interrupted (Ctrl-C): a training run checkpoints first"""
 
 
 def add_json_flag(parser: argparse.ArgumentParser, keys: str) -> None:
@@ -80,7 +83,7 @@ def num(value: float, digits: int = 3) -> str:
 
 def params(n: int) -> str:
     """A parameter count: ``23.5 M``, ``940 k``."""
-    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} k" if n >= 1e3 else str(n)
+    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.3g} k" if n >= 1e3 else str(n)
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:

@@ -7,16 +7,21 @@ from ..detection.detectron2 import convert_to_detectron2
 from ..zoo.hub import push_folder
 from ..zoo.loading import resolve_source
 from ..zoo.pretrained import write_pretrained
-from ..zoo.registry import ALIASES, REGISTRY, list_models
+from ..zoo.registry import ALIASES, REGISTRY, list_models, model_info
+from .output import add_json_flag, emit, params, table
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     listing = subparsers.add_parser("list", help="list the MoCo model zoo",
-                                    description="The official MoCo checkpoints mocohub can load by name.")
+                                    description="The official MoCo checkpoints mocohub can load by name; top-1 is "
+                                                "ImageNet linear evaluation. mocohub info NAME tells more.")
     listing.add_argument("pattern", nargs="?", help="shell-style filter, e.g. '*v3*'")
     listing.add_argument("-v", "--verbose", action="store_true", help="print each model's full description")
+    add_json_flag(listing, "models: one object per model as mocohub.model_info gives it (name, arch, num_params, "
+                           "moco_version, epochs, recipe, imagenet_linear_top1, license, paper, source, url, hash, "
+                           "pretrained_cfg, ...) plus aliases")
     listing.set_defaults(func=run)
     convert = subparsers.add_parser(
         "convert", help="turn a checkpoint into model.safetensors + config.json + README.md",
@@ -32,23 +37,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     convert.set_defaults(func=run)
 
 
-def _table() -> str:
+def _table(names: list[str]) -> str:
     aliases = {target: alias for alias, target in ALIASES.items()}
-    rows = [("name", "arch", "moco", "epochs", "top-1", "licence", "hash", "alias")]
-    for e in REGISTRY.values():
-        rows.append((e.name, e.arch, e.moco_version, str(e.epochs), f"{e.top1:.1f}", e.license,
-                     e.hash or "none published", aliases.get(e.name, "")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    rows = [("name", "arch", "moco", "epochs", "params", "top-1", "licence", "hash", "alias")]
+    for e in (REGISTRY[n] for n in names):
+        rows.append((e.name, e.arch, e.moco_version, str(e.epochs), params(e.num_params), f"{e.top1:.1f} %",
+                     e.license, e.hash or "none published", aliases.get(e.name, "")))
+    return table(rows)
 
 
 def _list(args: argparse.Namespace) -> int:
     names = list_models(args.pattern)
-    if args.verbose:
-        print("\n\n".join(f"{n}\n{REGISTRY[n].describe()}" for n in names))
+    if not names:
+        human = f"no zoo model matches {args.pattern!r}; mocohub list shows them all"
+    elif args.verbose:
+        human = "\n\n".join(f"{n}\n{REGISTRY[n].describe()}" for n in names)
     else:
-        keep = {0} | {i + 1 for i, n in enumerate(REGISTRY) if n in names}
-        print("\n".join(line for i, line in enumerate(_table().splitlines()) if i in keep))
+        human = _table(names)
+    models = [dict(model_info(n), aliases=[a for a, t in ALIASES.items() if t == n]) for n in names]
+    emit({"command": "list", "models": models}, human, args.json)
     return 0
 
 
