@@ -19,6 +19,8 @@ from .views import Params
 
 __all__ = ["BatchedTwoViews", "ViewCrops", "resized_crop"]
 
+CPU_CHUNK_BYTES = 1 << 20  # a chunk of float images this large keeps every temporary in L2
+
 
 class ViewCrops(NamedTuple):
     """Both views of one image before photometry, or (after ``collate_images``) of a batch.
@@ -71,13 +73,17 @@ class BatchedTwoViews:
         """(query, key): float32 normalised (N, 3, S, S) batches on ``device`` (default: where the
         crops are). Moves the uint8 crops first, so on a GPU the photometry runs there."""
         crops = batch.crops.to(device, non_blocking=True) if device is not None else batch.crops
+        n, _, c, h, w = crops.shape
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         mean = torch.tensor(self.mean, device=crops.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=crops.device).view(1, 3, 1, 1)
-        out = []
-        for i, view in enumerate(self.views):
-            x = view.photometric(crops[:, i].float().div_(255), batch.params[i])
-            out.append(((x - mean) / std).contiguous(memory_format=fmt))
+        step = n if crops.is_cuda else max(1, CPU_CHUNK_BYTES // (c * h * w * 4))
+        out = [torch.empty(n, c, h, w, device=crops.device).contiguous(memory_format=fmt) for _ in self.views]
+        for start in range(0, n, step):  # on the CPU, chunks whose temporaries stay in cache
+            part = slice(start, start + step)
+            for i, view in enumerate(self.views):
+                x = view.photometric(crops[part, i].float().div_(255), {k: v[part] for k, v in batch.params[i].items()})
+                out[i][part] = (x - mean) / std
         return out[0], out[1]
 
     def __repr__(self) -> str:

@@ -77,6 +77,7 @@ def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """(N,) sigmas -> (N, kernel_size) normalised 1-D Gaussians on torchvision's integer grid."""
     grid = torch.arange(kernel_size, device=sigma.device, dtype=torch.float32) - kernel_size // 2
     pdf = torch.exp(-0.5 * (grid / sigma.float().view(-1, 1)) ** 2)
+    pdf = pdf.masked_fill(pdf < 1e-20, 0)  # no denormals: they make CPU matmuls 4x slower
     return pdf / pdf.sum(dim=1, keepdim=True)
 
 
