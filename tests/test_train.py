@@ -87,7 +87,7 @@ def test_failed_checkpoint_write_keeps_previous(folders, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         train(TrainConfig.from_recipe("cifar", epochs=2, **cfg))
     assert hashlib.sha256((run / "checkpoint.pth.tar").read_bytes()).hexdigest() == before
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp")) == []  # no torn temp file
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(folders, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..data.folder import DEFAULT_WORKERS
+from ..precision import PRECISION_CHOICES
 from ..training.config import TrainConfig
 from ..training.recipes import RECIPES
 from ..training.trainer import train
@@ -63,8 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=_HelpFormatter)
     p.add_argument("data", metavar="DATA_DIR", help="folder of images, searched recursively")
     p.add_argument("--recipe", default="moco-v2", choices=tuple(RECIPES), help="the paper setting to start from")
-    p.add_argument("--out", default="runs/moco", metavar="RUN_DIR",
-                   help="checkpoints, metrics and the exported backbone go here; an existing run resumes")
+    p.add_argument("--out", default=None, metavar="RUN_DIR",
+                   help="checkpoints, metrics and the exported backbone go here; an existing run folder resumes "
+                        "(if its settings match). Default: a fresh runs/<recipe>-<arch>-<time>")
     hp = p.add_argument_group("hyper-parameters (each defaults to the recipe's value)")
     for flag, (field, kind, extra) in RECIPE_FLAGS.items():
         hp.add_argument(flag, dest=field, type=kind, default=None, help=_recipe_default(field), **extra)
@@ -74,14 +76,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     hp.add_argument("--lr-per-iteration", action="store_true",
                     help="update the schedule every step instead of every epoch (the official code)")
     hw = p.add_argument_group("hardware")
-    hw.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast precision")
-    hw.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster with bf16/fp16)")
+    hw.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                    help="autocast precision; auto: bf16 where the hardware computes it natively "
+                         "(AMX CPUs, bf16 GPUs), else fp32")
+    hw.add_argument("--channels-last", type=_bool, default=None, metavar="BOOL",
+                    help="NHWC memory format; default: on with bf16/fp16, off in fp32")
     hw.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="data-loading processes per training process")
     hw.add_argument("--device", default=None, help="e.g. cpu or cuda:0; default: the local GPU, else CPU")
     run_g = p.add_argument_group("run")
     run_g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")
     run_g.add_argument("--resume", default=None, metavar="CHECKPOINT",
                        help="a mocohub or official MoCo v1/v2 checkpoint; RUN_DIR/checkpoint.pth.tar resumes by itself")
+    run_g.add_argument("--restart", action="store_true",
+                       help="start an existing RUN_DIR over; its earlier files are moved to RUN_DIR/previous-<time>/")
     run_g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
     run_g.add_argument("--val", default=None, metavar="DIR", help="labelled folder for the kNN monitor")
     run_g.add_argument("--knn-every", type=int, default=1, metavar="EPOCHS", help="epochs between kNN scores")

@@ -38,14 +38,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def rng_state() -> dict[str, Any]:
+    """The generators a step draws from: CPU, Python, and this process's own GPU only (a resume
+    may see fewer GPUs, or another index, than the run that saved it)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():  # older files held a list per GPU
+        torch.cuda.set_rng_state(cuda)

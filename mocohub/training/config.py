@@ -15,12 +15,12 @@ class TrainConfig(Recipe):
     """A Recipe plus the run's own settings (data, output, hardware, monitoring)."""
 
     data: str = ""
-    out: str = "runs/moco"
+    out: str = ""                     # empty: a fresh folder runs/<recipe>-<arch>-<time>
     recipe: str = "moco-v2"
     bn_splits: int | None = None      # per rank; None: bn_groups // world_size
     lr_per_iteration: bool = False
-    precision: str = "fp32"
-    channels_last: bool = False
+    precision: str = "auto"           # bf16 where the hardware has it natively, else fp32
+    channels_last: bool | None = None  # None: NHWC with bf16/fp16
     workers: int = DEFAULT_WORKERS
     seed: int = 0
     val: str | None = None
@@ -28,6 +28,7 @@ class TrainConfig(Recipe):
     knn_k: int = 200
     knn_t: float = 0.1
     resume: str | None = None         # a checkpoint; RUN_DIR/checkpoint.pth.tar is resumed by itself
+    restart: bool = False             # set an existing run folder's files aside and start over
     max_steps: int | None = None      # stop (and checkpoint) after this many steps in total
     log_every: int = 10
     device: str | None = None

@@ -1,28 +1,37 @@
-"""A DistributedSampler that can start mid-epoch, so a resumed run sees the batches it missed."""
+"""The epoch's sample order as a sequence of global batches, so a run can resume mid-epoch under
+any number of processes: step s of epoch e is the same images whoever takes their share of it."""
 from __future__ import annotations
 
 from typing import Iterator
 
-from torch.utils.data import DistributedSampler
+import torch
+from torch.utils.data import Sampler
 
 __all__ = ["ResumableSampler"]
 
 
-class ResumableSampler(DistributedSampler):
-    """The epoch's permutation depends only on (seed, epoch), on one process as on many."""
+class ResumableSampler(Sampler[int]):
+    """Step s of epoch e takes images perm[s*B:(s+1)*B] of the (seed, e) permutation (B the global
+    batch); rank r of w processes yields its contiguous 1/w of each step. The last partial batch
+    is dropped, as the official DistributedSampler + drop_last does."""
 
-    def __init__(self, dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0, drop_last: bool = True):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=drop_last)
-        self.start = 0
+    def __init__(self, num_samples: int, batch_size: int, *, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        if batch_size % num_replicas:
+            raise ValueError(f"the global batch {batch_size} is not divisible by {num_replicas} processes")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.per_rank, self.rank = batch_size // num_replicas, rank
+        self.steps = num_samples // batch_size
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch's permutation and skip its first ``start`` indices of this rank."""
-        super().set_epoch(epoch)
-        self.start = start
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch's permutation and skip its first ``start_step`` global batches."""
+        self.epoch, self.start = epoch, start_step
 
     def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.start:])
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.num_samples, generator=g)[:self.steps * self.batch_size]
+        mine = perm.view(self.steps, -1, self.per_rank)[self.start:, self.rank]
+        return iter(mine.reshape(-1).tolist())
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return (self.steps - self.start) * self.per_rank

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import statistics
-import tempfile
 import threading
 import time
 import warnings
@@ -21,50 +19,25 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..algorithm import MoCo
-from ..algorithm.distributed import rank, world_size
 from ..backbones import RESNET_ARCHS, STEMS
 from ..data.augment import AUGMENTATIONS, TwoViews, augmentation
 from ..data.folder import ImageFolder, collate_images
 from ..errors import MocohubError
-from ..evaluation.knn import knn_evaluate
-from ..precision import PRECISIONS, autocast
+from ..precision import PRECISION_CHOICES, autocast, resolve_channels_last, resolve_precision
 from ..zoo.pretrained import RUN_EXPORT, build_config, pretrained_cfg_for, write_pretrained
 from ..zoo.transforms import transform_for
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
+from .monitor import sharded_knn
+from .resume import config_differences, data_fingerprint
+from .run_dir import RunLock, fresh_run_dir, prepare_run_dir, set_aside
+from .runtime import Runtime
 from .sampler import ResumableSampler
 from .schedule import make_scheduler
 
 __all__ = ["train", "BACKBONE_DIR", "METRICS_NAME", "STEPS_NAME"]
 
 BACKBONE_DIR, METRICS_NAME, STEPS_NAME = RUN_EXPORT, "metrics.jsonl", "steps.jsonl"
-
-
-class _Runtime:
-    """Process-group facts: which rank this is, how many there are, the device to use."""
-
-    def __init__(self, device: str | None):
-        self.owns_group = False
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            self.owns_group = True
-        self.world, self.rank = world_size(), rank()
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.main = self.rank == 0
-
-    def sum(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item())
-
-    def close(self) -> None:
-        if self.owns_group:
-            dist.destroy_process_group()
 
 
 def _check_config(cfg: TrainConfig, world: int) -> int:
@@ -77,8 +50,8 @@ def _check_config(cfg: TrainConfig, world: int) -> int:
         raise MocohubError(f"unknown stem {cfg.stem!r}; valid: {', '.join(STEMS)}")
     if cfg.schedule not in ("cos", "step"):
         raise MocohubError(f"unknown schedule {cfg.schedule!r}; valid: cos, step")
-    if cfg.precision not in PRECISIONS:
-        raise MocohubError(f"unknown precision {cfg.precision!r}; valid: {', '.join(PRECISIONS)}")
+    if cfg.precision not in PRECISION_CHOICES:
+        raise MocohubError(f"unknown precision {cfg.precision!r}; valid: {', '.join(PRECISION_CHOICES)}")
     if cfg.batch_size % world:
         raise MocohubError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by "
                            f"the {world} processes")
@@ -93,15 +66,6 @@ def _check_config(cfg: TrainConfig, world: int) -> int:
         raise MocohubError(f"the per-process batch {per_rank} is not divisible by {cfg.bn_splits} BN "
                            "splits: set --bn-splits to a divisor of it")
     return cfg.bn_splits
-
-
-def _prepare_run_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise MocohubError(f"cannot write to run directory {path}: {e.strerror}; choose another --out") from e
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
@@ -127,26 +91,28 @@ def _moco_state_dict(model: MoCo) -> dict[str, torch.Tensor]:
     return {f"module.{k}": v for k, v in model.state_dict().items()}
 
 
-def _resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    if cfg.resume:
-        return Path(cfg.resume)
-    auto = run_dir / CHECKPOINT_NAME
-    return auto if auto.exists() else None
-
-
 class Trainer:
     """Holds a run's state; ``fit()`` runs it. Use ``train(cfg)`` unless you need the pieces."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.rt = _Runtime(cfg.device)
+        self.rt = Runtime(cfg.device)
+        self.lock = None
+        try:
+            self._setup(cfg)
+        except BaseException:  # a refused start must not leave the process group or the lock behind
+            self.close()
+            raise
+
+    def _setup(self, cfg: TrainConfig) -> None:
         self.bn_splits = _check_config(cfg, self.rt.world)
-        self.run_dir = Path(cfg.out)
-        if self.rt.main:
-            _prepare_run_dir(self.run_dir)
+        self.precision, self.precision_why = resolve_precision(cfg.precision, self.rt.device)
+        self.channels_last = resolve_channels_last(cfg.channels_last, self.precision)
+        self.run_dir = Path(self.rt.broadcast(str(cfg.out or fresh_run_dir(cfg.recipe, cfg.arch))))
         torch.manual_seed(cfg.seed)
         view = augmentation(cfg.aug, cfg.image_size)
         self.dataset = ImageFolder(cfg.data, TwoViews(view), seed=cfg.seed)
+        self.data_id = data_fingerprint(cfg.data, (p for p, _ in self.dataset.samples))
         # evaluation preprocessing: the recipe's normalisation at the training crop size
         self.eval_cfg = pretrained_cfg_for(cfg.image_size, *AUGMENTATIONS[cfg.aug][2])
         self.knn_sets = self._knn_datasets() if cfg.val else None
@@ -154,32 +120,51 @@ class Trainer:
         if self.rt.device.type == "cpu" and self.per_rank * cfg.image_size ** 2 > 64 * 224 ** 2:
             warnings.warn(f"training on the CPU with {self.per_rank} images of {cfg.image_size} px per step needs "
                           "tens of GB of memory and hours per epoch; for a first CPU run use --recipe cifar "
-                          "or a smaller --batch-size (and --moco-k a multiple of it)", stacklevel=2)
+                          "or a smaller --batch-size (and --moco-k a multiple of it)", stacklevel=3)
         if len(self.dataset) < cfg.batch_size:
             raise MocohubError(f"{cfg.data} has {len(self.dataset)} images, fewer than one batch of "
                                f"{cfg.batch_size}: lower --batch-size (and --moco-k to a multiple of it)")
-        self.sampler = ResumableSampler(self.dataset, num_replicas=self.rt.world, rank=self.rt.rank,
-                                        seed=cfg.seed, drop_last=True)
-        self.steps_per_epoch = len(self.sampler) // self.per_rank
+        if self.rt.main:  # nothing is written before every check above has passed
+            prepare_run_dir(self.run_dir)
+            self.lock = RunLock(self.run_dir)
+        resume = self._resume_path()
+        self.sampler = ResumableSampler(len(self.dataset), cfg.batch_size, num_replicas=self.rt.world,
+                                        rank=self.rt.rank, seed=cfg.seed)
+        self.steps_per_epoch = self.sampler.steps
         self.model = MoCo(cfg.arch, cfg.moco_dim, cfg.moco_k, cfg.moco_m, cfg.moco_t, cfg.mlp,
                           stem=cfg.stem, bn_splits=self.bn_splits).to(self.rt.device)
-        if cfg.channels_last:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
                                         schedule=cfg.schedule, milestones=cfg.lr_steps,
                                         per_iteration=cfg.lr_per_iteration)
-        self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=cfg.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.precision == "fp16")
         self.net = self.model
         if self.rt.world > 1:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.epoch, self.step_in_epoch, self.failed_seen = 0, 0, set()
         self._stop_signal: int | None = None
-        resume = _resume_path(cfg, self.run_dir)
+        self.interrupted = False
         if resume is not None:
             self._load(resume)
+        self.rt.barrier()  # rank 0 has set the folder up (or refused) before anyone trains
+
+    def _resume_path(self) -> Path | None:
+        """``--resume FILE``; else the run folder's own checkpoint, unless ``--restart`` sets it aside."""
+        if self.cfg.resume:
+            return Path(self.cfg.resume)
+        auto = self.run_dir / CHECKPOINT_NAME
+        if self.cfg.restart:
+            if self.rt.main:
+                aside = set_aside(self.run_dir, [CHECKPOINT_NAME, METRICS_NAME, STEPS_NAME, BACKBONE_DIR])
+                if aside:
+                    tqdm.write(f"--restart: the earlier run's files are kept in {aside}")
+            self.rt.barrier()
+            return None
+        return auto if auto.exists() else None
 
     @property
     def global_step(self) -> int:
@@ -191,16 +176,39 @@ class Trainer:
         return {
             "epoch": self.epoch, "arch": self.cfg.arch, "state_dict": _moco_state_dict(self.model),
             "optimizer": self.optimizer.state_dict(),
-            "mocohub": {"config": self.cfg.as_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                        "step_in_epoch": self.step_in_epoch, "world_size": self.rt.world},
+            "mocohub": {"config": self.cfg.as_dict(), "data": self.data_id, "scaler": self.scaler.state_dict(),
+                        "rng": rng_state(), "step_in_epoch": self.step_in_epoch, "world_size": self.rt.world},
         }
 
     def _save(self) -> None:
         if self.rt.main:
             save_checkpoint(self._state(), self.run_dir / CHECKPOINT_NAME)
 
+    def _check_resume(self, path: Path, extra: dict[str, Any]) -> None:
+        """Refuse a resume that would continue a different experiment; report allowed changes."""
+        saved = {**extra.get("config", {}), "world_size": extra.get("world_size")}
+        current = {**self.cfg.as_dict(), "world_size": self.rt.world}
+        if "data" in extra:
+            saved["data_images"], current["data_images"] = extra["data"], self.data_id
+        refused, changed = config_differences(saved, current)
+        if refused:
+            raise MocohubError(f"{path} was trained with other settings, so resuming it would continue a different "
+                               "experiment:\n  " + "\n  ".join(refused) + f"\nRun with the old settings, train into "
+                               "another --out (or leave --out unset for a fresh folder), or pass --restart to start "
+                               "this folder over (its files are kept aside)")
+        if changed and self.rt.main:
+            tqdm.write("resuming with changed settings: " + "; ".join(changed))
+
     def _load(self, path: Path) -> None:
-        state = load_checkpoint(path)
+        try:
+            state = load_checkpoint(path)
+        except MocohubError as e:
+            hint = "" if self.cfg.resume else (" (pass --restart to start this run folder over; the file is "
+                                                "kept aside, not deleted)")
+            raise MocohubError(f"{e}{hint}") from e
+        extra = state.get("mocohub")
+        if extra:
+            self._check_resume(path, extra)
         sd = {k.removeprefix("module."): v for k, v in state["state_dict"].items()}
         try:
             self.model.load_state_dict(sd, strict=True)
@@ -209,10 +217,12 @@ class Trainer:
                                f"K {self.cfg.moco_k}, mlp {self.cfg.mlp}): {str(e).splitlines()[0]} ... "
                                "pass the flags it was trained with") from e
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # this run's flags, not the file's, drive the update
+            group.update(momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
         self.epoch = int(state["epoch"])
-        extra = state.get("mocohub")
         if extra:  # a mocohub checkpoint: continue to the step
-            self.scaler.load_state_dict(extra["scaler"])
+            if self.scaler.is_enabled() and extra.get("scaler"):
+                self.scaler.load_state_dict(extra["scaler"])
             set_rng_state(extra["rng"])
             self.step_in_epoch = int(extra["step_in_epoch"])
         done = self.global_step
@@ -225,7 +235,7 @@ class Trainer:
         if self.rt.main:
             _trim_jsonl(self.run_dir / STEPS_NAME, lambda r: r["step"] < done)
             _trim_jsonl(self.run_dir / METRICS_NAME, lambda r: r["epoch"] < self.epoch)
-            print(f"resumed from {path} at epoch {self.epoch}, step {self.step_in_epoch}")
+            tqdm.write(f"resumed from {path} at epoch {self.epoch}, step {self.step_in_epoch}")
 
     # -- the loop ------------------------------------------------------------------------------
     def _loader(self, dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
@@ -236,11 +246,11 @@ class Trainer:
                           drop_last=drop_last, generator=generator, worker_init_fn=_leave_signals_to_the_trainer)
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
-        fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return images.to(self.rt.device, non_blocking=True, memory_format=fmt)
 
     def _train_step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast(self.rt.device, self.cfg.precision):
+        with autocast(self.rt.device, self.precision):
             logits, labels = self.net(self._to_device(im_q), self._to_device(im_k))
             loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -251,17 +261,33 @@ class Trainer:
         correct = (logits.argmax(dim=1) == labels).float().mean()
         return loss.detach(), correct.detach()
 
+    def _diverged(self, loss: float | str, step: int) -> MocohubError:
+        return MocohubError(
+            f"the loss became {loss} at step {step} (epoch {self.epoch}); the run stopped without "
+            f"saving, so {self.run_dir / CHECKPOINT_NAME} still holds the last good state. "
+            "Lower --lr or train with --precision fp32", exit_code=3)
+
+    def _agree_to_stop(self, loss: torch.Tensor, step: int) -> bool:
+        """Whether every process stops after this step. A signal may reach one rank only and a loss
+        may diverge on one rank only: with several processes one all-reduce per step shares both,
+        so all ranks stop (or fail) at the same step instead of hanging in different collectives."""
+        if self.rt.world > 1:
+            signalled, diverged = self.rt.any(self._stop_signal is not None, ~torch.isfinite(loss))
+            if diverged:
+                raise self._diverged("non-finite on at least one process", step)
+            self.interrupted = self.interrupted or signalled
+        else:  # one process: the signal flag is local, and the loss is checked where it is synced anyway
+            self.interrupted = self._stop_signal is not None
+        return self.interrupted or (self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps)
+
     def _flush(self, pending: list[tuple[int, float, torch.Tensor, torch.Tensor]]) -> list[list[float]]:
         """Move the buffered [loss, accuracy] pairs to the host (the only sync), check, log them."""
         if not pending:
             return []
         values = torch.stack([torch.stack([loss, acc]) for _, _, loss, acc in pending]).cpu().tolist()
-        for (step, lr, _, _), (loss, _) in zip(pending, values):
+        for (step, _, _, _), (loss, _) in zip(pending, values):
             if not math.isfinite(loss):
-                raise MocohubError(
-                    f"the loss became {loss} at step {step} (epoch {self.epoch}); the run stopped without "
-                    f"saving, so {self.run_dir / CHECKPOINT_NAME} still holds the last good state. "
-                    "Lower --lr or train with --precision fp32", exit_code=3)
+                raise self._diverged(loss, step)
         if self.rt.main:  # one line per interval: its last step, mean loss and accuracy, lr
             losses, accs = zip(*values)
             _append_jsonl(self.run_dir / STEPS_NAME, [
@@ -274,7 +300,7 @@ class Trainer:
         cfg = self.cfg
         self.net.train()
         self.dataset.set_epoch(self.epoch)
-        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.per_rank)
+        self.sampler.set_epoch(self.epoch, start_step=self.step_in_epoch)
         loader = self._loader(self.dataset, self.sampler, self.per_rank, drop_last=True)
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
                    disable=not (self.rt.main and cfg.progress), dynamic_ncols=True, unit="step")
@@ -288,12 +314,13 @@ class Trainer:
             failed += self._note_failed(batch.failed)
             images += self.per_rank * self.rt.world
             self.step_in_epoch += 1
+            stop = self._agree_to_stop(loss, global_step)
             bar.update(1)
             if len(pending) >= cfg.log_every or self.step_in_epoch == self.steps_per_epoch:
                 logged += self._flush(pending)
                 bar.set_postfix(loss=f"{logged[-1][0]:.4f}", lr=f"{lr:.4g}",
                                 img_s=f"{images / (time.perf_counter() - t0):.0f}")
-            if self._should_stop(self.global_step):
+            if stop:
                 break
         logged += self._flush(pending)
         bar.close()
@@ -309,9 +336,6 @@ class Trainer:
                 self.failed_seen.add(path)
                 warnings.warn(f"skipped an image that could not be decoded: {path}", stacklevel=2)
         return len(paths)
-
-    def _should_stop(self, steps_done: int) -> bool:
-        return self._stop_signal is not None or (self.cfg.max_steps is not None and steps_done >= self.cfg.max_steps)
 
     def _knn_datasets(self) -> tuple[ImageFolder, ImageFolder]:
         """The kNN monitor's bank (the training images) and queries, checked before training starts."""
@@ -330,58 +354,73 @@ class Trainer:
         return bank, val
 
     def _knn(self) -> dict[str, float]:
-        cfg = self.cfg
+        """Every rank embeds its share (see ``sharded_knn``), so no rank idles in a collective."""
+        cfg, bank = self.cfg, self.knn_sets[0]
         batch = max(self.per_rank, 256)
-        loaders = [self._loader(ds, None, batch, drop_last=False) for ds in self.knn_sets]
-        result = knn_evaluate(self.model.encoder_q, *loaders, k=cfg.knn_k, t=cfg.knn_t, device=self.rt.device,
-                              precision=cfg.precision, channels_last=cfg.channels_last)
-        return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
+        return sharded_knn(self.rt, self.model.encoder_q, *self.knn_sets,
+                           lambda ds: self._loader(ds, None, batch, drop_last=False), len(bank.classes),
+                           dim=cfg.moco_dim, k=cfg.knn_k, t=cfg.knn_t, precision=self.precision,
+                           channels_last=self.channels_last)
 
     def _export(self, metrics: dict[str, Any]) -> Path:
         cfg = self.cfg
         state = self.model.backbone_state_dict()
         meta = {"moco_version": cfg.moco_version, "recipe": cfg.recipe, "epochs": self.epoch,
-                "source": "mocohub train", "dataset": str(cfg.data), **metrics}
+                "source": "mocohub train", "dataset": Path(cfg.data).name, **metrics}
         config = build_config(cfg.arch, num_features=self.model.encoder_q.num_features, stem=cfg.stem,
                               pretrained_cfg=self.eval_cfg, meta=meta)
         return write_pretrained(self.run_dir / BACKBONE_DIR, state, config)
+
+    def _announce(self) -> None:
+        cfg = self.cfg
+        head = "MLP" if cfg.mlp else "linear"
+        layout = "channels-last" if self.channels_last else "NCHW"
+        tqdm.write(f"MoCo, {cfg.recipe} recipe ({head} head, T {cfg.moco_t}): {cfg.arch} on "
+                   f"{len(self.dataset)} images of {cfg.data}, "
+                   f"{cfg.image_size} px, batch {cfg.batch_size} over {self.rt.world} process(es) on "
+                   f"{self.rt.device.type}, {self.steps_per_epoch} steps/epoch, K {cfg.moco_k}, "
+                   f"BN in {self.bn_splits} group(s) per process -> {self.run_dir}")
+        tqdm.write(f"precision {self.precision} ({self.precision_why}), {layout}")
 
     def fit(self) -> Path:
         """Train to ``cfg.epochs`` (or ``max_steps``), checkpointing each epoch; export the backbone."""
         cfg, metrics = self.cfg, {}
         if self.rt.main:
-            head = "MLP" if cfg.mlp else "linear"
-            tqdm.write(f"MoCo, {cfg.recipe} recipe ({head} head, T {cfg.moco_t}): {cfg.arch} on "
-                       f"{len(self.dataset)} images of {cfg.data}, "
-                       f"{cfg.image_size} px, batch {cfg.batch_size} over {self.rt.world} process(es) on "
-                       f"{self.rt.device.type}, {self.steps_per_epoch} steps/epoch, K {cfg.moco_k}, "
-                       f"BN in {self.bn_splits} group(s) per process -> {self.run_dir}")
+            self._announce()
         handles_signals = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if handles_signals else {}
         try:
-            while self.epoch < cfg.epochs and not self._should_stop(self.global_step):
+            while self.epoch < cfg.epochs and not self.interrupted and not (
+                    cfg.max_steps is not None and self.global_step >= cfg.max_steps):
                 row = self._train_epoch()
                 if self.step_in_epoch < self.steps_per_epoch:  # stopped inside the epoch
                     self._save()
                     break
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self._save()
-                if cfg.val and self.rt.main and (self.epoch % cfg.knn_every == 0 or self.epoch == cfg.epochs):
+                if cfg.val and (self.epoch % cfg.knn_every == 0 or self.epoch == cfg.epochs):
                     metrics = self._knn()
                     row.update(metrics)
                 if self.rt.main:
                     _append_jsonl(self.run_dir / METRICS_NAME, [row])
                     tqdm.write(json.dumps(row))
-            if self._stop_signal is not None:
+            self.rt.barrier()  # rank 0's checkpoint is on disk before any process leaves
+            if self.interrupted:
                 raise KeyboardInterrupt
             out = self._export(metrics) if self.rt.main else self.run_dir / BACKBONE_DIR
-            if self.rt.world > 1:
-                dist.barrier()
+            self.rt.barrier()
             return out
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            self.rt.close()
+            self.close()
+
+    def close(self) -> None:
+        """Release the run folder and the process group (also after a failed start)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        self.rt.close()
 
     def _on_signal(self, signum: int, frame) -> None:
         """Finish the current step, checkpoint, then stop (a second signal stops at once)."""
