@@ -50,7 +50,7 @@ def test_plot_command_compares_runs_and_refuses_a_folder_without_logs(tmp_path, 
     monkeypatch.chdir(tmp_path)
     a, b = _run(tmp_path / "x" / "run"), _run(tmp_path / "y" / "run", epochs=3, knn=False)
     assert main(["plot", str(a), str(b)]) == 0
-    assert capsys.readouterr().out == f"curves of 2 runs (loss, instance accuracy, lr, kNN top-1) -> curves.png\n"
+    assert capsys.readouterr().out == "curves of 2 runs (loss, instance accuracy, lr, kNN top-1) -> curves.png\n"
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG
     assert main(["plot", str(a), "-o", str(tmp_path / "one.png"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path / "one.png")
