@@ -39,7 +39,8 @@ def build_encoder(backbone: str | nn.Module, dim: int, mlp: bool, stem: str = "i
 
 
 class MoCo(nn.Module):
-    """``loss = F.cross_entropy(*moco(im_q, im_k))``.
+    """``loss = F.cross_entropy(*moco(im_q, im_k))``, or ``loss, logits, labels = moco(im_q, im_k,
+    return_loss=True)`` (the only form with ``symmetric``).
 
     Args:
         backbone: a ResNet name (timm/torchvision layout) or module with an ``fc`` layer.
@@ -47,13 +48,17 @@ class MoCo(nn.Module):
         T: softmax temperature; mlp: 2-layer MLP head (MoCo v2).
         stem: "cifar" for a 3x3 stride-1 stem without max-pool (32-px images).
         bn_splits: BatchNorm statistics over this many sub-batches (Shuffle BN on one device).
+        symmetric: also contrast the swapped views and enqueue both keys (the official CIFAR-10 demo):
+            loss = ctr(q1, k2) + ctr(q2, k1); K must then be divisible by twice the global batch.
     """
+
+    sync_bn = False  # Shuffle BN (or SplitBatchNorm) stands in for synchronised statistics
 
     def __init__(self, backbone: str | nn.Module = "resnet50", dim: int = 128, K: int = 65536,
                  m: float = 0.999, T: float = 0.07, mlp: bool = False, *, stem: str = "imagenet",
-                 bn_splits: int = 1):
+                 bn_splits: int = 1, symmetric: bool = False):
         super().__init__()
-        self.K, self.m, self.T = K, m, T
+        self.K, self.m, self.T, self.symmetric = K, m, T, symmetric
         self.encoder_q = convert_split_batchnorm(build_encoder(backbone, dim, mlp, stem), bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
@@ -70,25 +75,43 @@ class MoCo(nn.Module):
         keys = concat_all_gather(keys)
         n = keys.shape[0]
         if self.K % n:
-            raise ValueError(f"queue size K={self.K} must be divisible by the global batch size {n}")
+            raise ValueError(f"queue size K={self.K} must be divisible by the {n} keys enqueued per step "
+                             "(the global batch size; twice it with the symmetric loss)")
         slots = self.queue_ptr + torch.arange(n, device=keys.device)
         self.queue.index_copy_(1, slots, keys.t())
         self.queue_ptr.add_(n).remainder_(self.K)
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return InfoNCE logits (N x (1+K), positives in column 0) and their labels (zeros)."""
+    def _contrast(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE logits (N x (1+K), positives in column 0) of the queries against their keys and the
+        queue, and the keys (computed under Shuffle BN)."""
         q = F.normalize(self.encoder_q(im_q).to(self.queue.dtype), dim=1)  # fp32 under autocast
         with torch.no_grad():
-            self._momentum_update_key_encoder()
             im_k, inverse = shuffle_across_ranks(im_k)  # Shuffle BN
             k = F.normalize(self.encoder_k(im_k).to(self.queue.dtype), dim=1)
             k = unshuffle(k, inverse)
         l_pos = (q * k).sum(dim=1, keepdim=True)
         l_neg = q @ self.queue.clone().detach()
-        logits = torch.cat([l_pos, l_neg.to(l_pos.dtype)], dim=1) / self.T
+        return torch.cat([l_pos, l_neg.to(l_pos.dtype)], dim=1) / self.T, k
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, *, return_loss: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """InfoNCE logits and their labels (zeros), or with ``return_loss`` (a keyword, so that DDP's
+        forward carries it) ``(loss, logits, labels)``; with ``symmetric`` the logits of both
+        directions are stacked (2N rows) and the loss is the sum of the two cross-entropies."""
+        if self.symmetric and not return_loss:
+            raise ValueError("the symmetric loss is a sum of two cross-entropies: call "
+                             "moco(im_q, im_k, return_loss=True) -> (loss, logits, labels)")
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+        logits, k = self._contrast(im_q, im_k)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        loss = F.cross_entropy(logits, labels) if return_loss else None
+        if self.symmetric:
+            logits_21, k1 = self._contrast(im_k, im_q)
+            loss = loss + F.cross_entropy(logits_21, labels)
+            logits, labels, k = torch.cat([logits, logits_21]), torch.cat([labels, labels]), torch.cat([k1, k])
         self._dequeue_and_enqueue(k)
-        return logits, labels
+        return (loss, logits, labels) if return_loss else (logits, labels)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The query encoder without its MoCo head: what transfers downstream."""
