@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -48,25 +49,45 @@ class _Server:
 
 
 class FileServer(_Server):
-    """Serves ``root`` read-only; ``requests`` counts GETs per path (to prove caching); paths in
-    ``truncate`` announce their full length but the connection drops halfway through."""
+    """Serves ``root`` read-only; ``requests`` counts GETs per path (to prove caching).
+
+    Paths in ``truncate`` send only the first half of the file, then close the connection.
+    ``framing[path]`` says how a body's end is announced: "length" (Content-Length, the default),
+    "chunked" (chunked transfer encoding, whose last chunk a truncated reply never sends) or
+    "close" (neither: the body ends when the connection closes). ``slow[path]`` is a delay in
+    seconds before each 4 KiB block (to kill a client mid-transfer).
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.requests: dict[str, int] = {}
         self.truncate: set[str] = set()
+        self.framing: dict[str, str] = {}
+        self.slow: dict[str, float] = {}
         server = self
 
         class Handler(_Quiet, SimpleHTTPRequestHandler):
             def do_GET(self):
                 path = urllib.parse.urlparse(self.path).path
                 server.requests[path] = server.requests.get(path, 0) + 1
-                if path not in server.truncate:
+                if path not in server.truncate | server.framing.keys() | server.slow.keys():
                     return super().do_GET()
                 body = (Path(self.directory) / path.lstrip("/")).read_bytes()
+                framing = server.framing.get(path, "length")
+                self.protocol_version = "HTTP/1.1"  # chunked replies need it
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                if framing == "length":
+                    self.send_header("Content-Length", str(len(body)))
+                elif framing == "chunked":
+                    self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("Connection", "close")
                 self.end_headers()
-                self.wfile.write(body[: len(body) // 2])
+                sent = body[: len(body) // 2] if path in server.truncate else body
+                for start in range(0, len(sent), 4096):
+                    time.sleep(server.slow.get(path, 0.0))
+                    block = sent[start:start + 4096]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block) if framing == "chunked" else block)
+                if framing == "chunked" and path not in server.truncate:
+                    self.wfile.write(b"0\r\n\r\n")
                 self.close_connection = True
 
         super().__init__(functools.partial(Handler, directory=str(root)))

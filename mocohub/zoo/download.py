@@ -1,13 +1,17 @@
 """Verified downloads into torch.hub's cache, plus a safetensors cache of the converted backbone.
 
-A file reaches the cache only after its size and hash are checked, and always by an atomic rename
-of a temporary file: two processes downloading at once both leave a sound cache, and a
-truncated or tampered file is never found there later as if it were good.
+A cache entry is keyed by the full URL (two ``checkpoint.pth.tar`` at different URLs are two
+entries) and is found only if it is known good: a file reaches the cache after its size, hash and
+complete transfer are checked and it loads as a checkpoint, always by an atomic rename of a
+temporary file, so neither a kill mid-transfer nor two processes at once leave a torn file under
+its name. Beside it, ``<file>.json`` records its size and full md5/sha256, so a later expectation
+(another hash, a published size) is checked against the very bytes cached without re-reading them.
 """
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import tempfile
@@ -25,7 +29,7 @@ from ..fileio import atomic_write
 from .formats import Backbone, convert, read_checkpoint
 from .pretrained import CONFIG_NAME, read_pretrained_dir, write_pretrained
 
-__all__ = ["checkpoint_dir", "parse_hash", "download", "cached_backbone"]
+__all__ = ["checkpoint_dir", "cache_file", "parse_hash", "download", "cached_backbone"]
 
 _CHUNK = 1 << 20
 
@@ -33,6 +37,15 @@ _CHUNK = 1 << 20
 def checkpoint_dir() -> Path:
     """``$TORCH_HOME/hub/checkpoints``, where torch.hub keeps downloaded weights."""
     return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def cache_file(url: str) -> Path:
+    """The cache path of ``url``: its file name with a short hash of the whole URL before the suffixes."""
+    name = Path(urllib.parse.urlparse(url).path).name
+    if not name:
+        raise MocohubError(f"cannot name a cache file after {url!r}: the URL has no file name")
+    stem, dot, suffixes = name.partition(".")
+    return checkpoint_dir() / f"{stem}.{hashlib.sha256(url.encode()).hexdigest()[:12]}{dot}{suffixes}"
 
 
 def parse_hash(spec: str) -> tuple[str, str]:
@@ -44,10 +57,10 @@ def parse_hash(spec: str) -> tuple[str, str]:
     return algo, digest.lower()
 
 
-def _fetch(url: str, dest, name: str, progress: bool) -> tuple[dict[str, str], int, int | None]:
-    """Stream ``url`` into the open file ``dest``: (hex digests, bytes received, bytes announced)."""
+def _fetch(url: str, dest, name: str, progress: bool) -> tuple[dict[str, Any], list[str]]:
+    """Stream ``url`` into the open file ``dest``: (size and hex digests, transfer problems)."""
     digests = {"md5": hashlib.md5(), "sha256": hashlib.sha256()}
-    received, total = 0, None
+    received, problems = 0, []
     try:
         with urllib.request.urlopen(url) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
@@ -58,50 +71,84 @@ def _fetch(url: str, dest, name: str, progress: bool) -> tuple[dict[str, str], i
                     for h in digests.values():
                         h.update(chunk)
                     bar.update(len(chunk))
-    except http.client.IncompleteRead:
-        pass  # reported below as a truncated download
+        if total is not None and received != total:
+            problems.append(f"truncated: got {received} of {total} bytes")
+    except http.client.IncompleteRead as e:  # a chunked transfer that stopped before its end
+        problems.append(f"truncated: the connection closed after {received + len(e.partial)} bytes")
     except (urllib.error.URLError, OSError) as e:
         raise MocohubError(f"could not download {url}: {e}") from e
-    return {algo: h.hexdigest() for algo, h in digests.items()}, received, total
+    return {"size": received, **{algo: h.hexdigest() for algo, h in digests.items()}}, problems
 
 
-def _verify(url: str, found: dict[str, str], received: int, total: int | None, expected: str | None) -> None:
-    algo, want = parse_hash(expected) if expected else ("sha256", None)
+def _mismatches(found: Mapping[str, Any], expected_hash: str | None, expected_size: int | None) -> list[str]:
     problems = []
-    if total is not None and received != total:
-        problems.append(f"truncated: got {received} of {total} bytes")
-    if want is not None and not found[algo].startswith(want):
-        problems.append(f"{algo} mismatch")
-    if problems:
-        raise MocohubError(
-            f"download of {url} refused ({'; '.join(problems)}): expected {algo} {want or '(none given)'}, "
-            f"got {algo} {found[algo]}; the file was deleted, not cached")
+    if expected_size is not None and found["size"] != expected_size:
+        problems.append(f"size {found['size']} bytes, expected {expected_size}")
+    if expected_hash:
+        algo, want = parse_hash(expected_hash)
+        if not found[algo].startswith(want):
+            problems.append(f"{algo} mismatch: expected {algo} {want}, got {algo} {found[algo]}")
+    return problems
 
 
-def download(url: str, *, expected_hash: str | None = None, progress: bool = True) -> Path:
-    """The cached copy of ``url``, downloaded and verified against ``expected_hash`` if missing."""
-    name = Path(urllib.parse.urlparse(url).path).name
-    if not name:
-        raise MocohubError(f"cannot name a cache file after {url!r}: the URL has no file name")
-    target = checkpoint_dir() / name
-    if target.is_file():
-        return target
+def _record_file(target: Path) -> Path:
+    return target.with_name(f"{target.name}.json")
+
+
+def _converted_dir(checkpoint: Path) -> Path:
+    return checkpoint.with_name(f"{checkpoint.name}.mocohub")
+
+
+def _cached_record(target: Path, url: str) -> dict[str, Any] | None:
+    """The record of a verified cache entry, or None where the file is missing or not the one recorded."""
+    try:
+        record = json.loads(_record_file(target).read_text())
+        stat = target.stat()
+    except (OSError, ValueError):
+        return None
+    same = record.get("url") == url and (record.get("size"), record.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
+    return record if same else None
+
+
+def download(url: str, *, expected_hash: str | None = None, expected_size: int | None = None,
+             progress: bool = True) -> Path:
+    """The cached copy of ``url``, downloaded again unless a verified copy meets every expectation.
+
+    ``expected_hash`` is ``"md5:<hex>"`` or ``"sha256:<hex>"`` (a prefix); ``expected_size`` is in bytes.
+    """
+    target = cache_file(url)
     if expected_hash:
         parse_hash(expected_hash)  # a malformed hash fails before any download
+    record = _cached_record(target, url)
+    if record is not None and not _mismatches(record, expected_hash, expected_size):
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    replacing = target.exists()
 
     def fetch_verified(tmp: str) -> None:
         with open(tmp, "wb") as dest:
-            found, received, total = _fetch(url, dest, name, progress)
-        _verify(url, found, received, total, expected_hash)
+            found, problems = _fetch(url, dest, target.name, progress)
+        problems += _mismatches(found, expected_hash, expected_size)
+        if not problems:
+            try:
+                read_checkpoint(tmp)  # a file cut short without any sign in the transfer does not load
+            except MocohubError as e:
+                problems.append(f"the file does not load: {e}")
+        if problems:
+            raise MocohubError(f"download of {url} refused ({'; '.join(problems)}); "
+                               "the file was deleted, not cached")
+        found.update(url=url, mtime_ns=os.stat(tmp).st_mtime_ns)
+        atomic_write(_record_file(target), lambda p: Path(p).write_text(json.dumps(found, indent=1) + "\n"))
 
-    atomic_write(target, fetch_verified)  # a refused download leaves no file behind
+    atomic_write(target, fetch_verified)  # a refused or interrupted download leaves no file behind
+    if replacing:  # the replaced file's conversion is stale
+        shutil.rmtree(_converted_dir(target), ignore_errors=True)
     return target
 
 
 def cached_backbone(checkpoint: Path, meta: Mapping[str, Any] | None = None) -> Backbone:
     """Convert a downloaded checkpoint once; later loads read ``<file>.mocohub/`` and unpickle nothing."""
-    folder = checkpoint.with_name(f"{checkpoint.name}.mocohub")
+    folder = _converted_dir(checkpoint)
     if (folder / CONFIG_NAME).is_file():
         state_dict, config = read_pretrained_dir(folder)
         return Backbone(state_dict, config, "mocohub-export")

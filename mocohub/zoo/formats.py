@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..backbones import RESNET_ARCHS
@@ -62,11 +63,23 @@ class Backbone:
     format: str
 
 
+def _is_safetensors(path: Path) -> bool:
+    """By content, not name (a download is checked under a temporary name): an 8-byte header length, then JSON."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(9)[8:] == b"{"
+    except OSError as e:
+        raise MocohubError(f"cannot read {path}: {e}") from e
+
+
 def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
-    """Read a ``.safetensors`` file or a torch checkpoint, never running pickled code."""
+    """Read a safetensors file or a torch checkpoint, never running pickled code."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(path)
+    if _is_safetensors(path):
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise MocohubError(f"{path} is not a readable safetensors file ({e})") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

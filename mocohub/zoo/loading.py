@@ -53,7 +53,8 @@ def resolve_source(source: str | Path, *, check_hash: str | None = None, progres
     looks_local = path.exists() or "/" in text or "\\" in text or bool(path.suffix)
     if text in REGISTRY or text in ALIASES or not looks_local:  # zoo names win over local paths
         entry = get_model(text)  # an unknown name raises, listing the valid ones
-        checkpoint = download(entry.url, expected_hash=check_hash or entry.hash, progress=progress)
+        checkpoint = download(entry.url, expected_hash=check_hash or entry.hash, expected_size=entry.file_size,
+                              progress=progress)
         backbone = cached_backbone(checkpoint, meta=entry.meta())
         backbone.config["pretrained_cfg"] = dict(entry.pretrained_cfg, num_classes=0)
         return backbone

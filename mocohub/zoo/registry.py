@@ -46,6 +46,9 @@ class ZooModel:
     recipe: str
     num_params: int  # backbone parameters, without any head
     hash: str | None = None  # "md5:<prefix>" or "sha256:<prefix>"; None where none is published
+    # Bytes, checked on download where known. None everywhere so far: the sizes are not published
+    # (REFERENCE.md section 3) and could not be measured without network access.
+    file_size: int | None = None
     model_args: Mapping[str, Any] = field(default_factory=dict)
     pretrained_cfg: Mapping[str, Any] = field(default_factory=lambda: dict(IMAGENET_PRETRAINED_CFG))
 
@@ -147,5 +150,5 @@ def model_info(name: str) -> dict[str, Any]:
     """Everything the registry knows about a model, as a plain dict."""
     entry = get_model(name)
     return {"name": entry.name, "arch": entry.arch, "model_args": dict(entry.model_args),
-            "hash": entry.hash, "num_params": entry.num_params,
+            "hash": entry.hash, "file_size": entry.file_size, "num_params": entry.num_params,
             "pretrained_cfg": dict(entry.pretrained_cfg), **entry.meta()}
