@@ -1,15 +1,97 @@
 #!/usr/bin/env bash
-# One prepared GPU check (fits a 15-minute device lease): CUDA training in every precision,
-# then the step benchmark on the GPU. Usage: bash benchmarks/gpu_check.sh
-set -euo pipefail
+# One prepared GPU check for a lent device machine (one GPU, no network; finishes in about 10 min):
+#   1. the CUDA tests (tests/test_cuda.py) and the algorithm's equality tests on the GPU machine,
+#   2. bench_step and bench_augment on the GPU,
+#   3. a full CIFAR-10 run of the `cifar` recipe (50,000 training JPEGs, kNN on the 10,000 test
+#      images) for as many epochs as fit in TRAIN_SECONDS (default 420 = 7 min).
+# Nothing is installed: the machine's own python3 must have torch, torchvision, timm, pillow,
+# safetensors, huggingface_hub and tqdm (the device image has them); mocohub runs from this checkout.
+# Results go to $OUT (or ./gpu-check-out). CIFAR-10 is read from $CIFAR_TAR, else
+# ../shared/data/cifar10-jpg.tar.gz, else .cifar/cifar10-jpg.tar.gz (copy it there and carry `.cifar`).
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU machine
+#   bash benchmarks/gpu_check.sh --dry-run  # here, on the CPU: every stage, tiny, to know it starts
+set -uo pipefail
 cd "$(dirname "$0")/.."
-pip install -q torch==2.14.1 torchvision==0.29.1 && pip install -q -e ".[test]"
-python -m pytest -q tests/test_moco.py tests/test_distributed.py
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+DRY=0; [ "${1:-}" = "--dry-run" ] && DRY=1
+TRAIN_SECONDS=${TRAIN_SECONDS:-420}
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
+status=0
+
+log "machine"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi";
+  $PY -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
+'timm', timm.__version__, 'cuda', torch.cuda.is_available(), torch.backends.cpu.get_cpu_capability())"; } \
+  | tee -a "$OUT/summary.txt"
+
+if [ $DRY = 1 ]; then DEVICE=cpu; else DEVICE=cuda; fi
+
+log "tests"
+$PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_moco.py 2>&1 | tail -5 | tee -a "$OUT/summary.txt" \
+  || status=1
+
+log "bench_step"
+if [ $DRY = 1 ]; then
+  $PY benchmarks/bench_step.py --device cpu --batch 16 --size 16 --repeats 1 2>&1 | tail -8 | tee -a "$OUT/summary.txt"
+else
+  $PY benchmarks/bench_step.py --device cuda --batch 512 --repeats 20 2>&1 | tail -9 | tee -a "$OUT/summary.txt"
+  $PY benchmarks/bench_step.py --device cuda --arch resnet50 --size 224 --batch 128 --repeats 10 2>&1 | tail -9 \
+    | tee -a "$OUT/summary.txt"
+fi
+
+log "bench_augment"
+if [ $DRY = 1 ]; then
+  $PY benchmarks/bench_augment.py --help >/dev/null && echo "bench_augment starts" | tee -a "$OUT/summary.txt"
+else
+  $PY benchmarks/bench_augment.py --device cuda 2>&1 | tail -12 | tee -a "$OUT/summary.txt"
+fi
+
+log "CIFAR-10"
 data=$(mktemp -d)
-python -c "from mocohub.data.synthetic import make_dataset; make_dataset('$data', train_per_class=100, val_per_class=20)"
-for precision in fp32 bf16 fp16; do
-  mocohub train "$data/train" --recipe cifar --batch-size 256 --moco-k 1024 --epochs 2 --precision "$precision" \
-      --channels-last --workers 4 --val "$data/val" --no-progress --out "$data/run-$precision"
+tar_file=${CIFAR_TAR:-}
+for candidate in ../shared/data/cifar10-jpg.tar.gz .cifar/cifar10-jpg.tar.gz; do
+  [ -z "$tar_file" ] && [ -f "$candidate" ] && tar_file=$candidate
 done
-python benchmarks/bench_step.py --device cuda --batch 256 --repeats 20
-python benchmarks/bench_step.py --device cuda --arch resnet50 --size 224 --batch 64 --repeats 10
+if [ -z "$tar_file" ]; then
+  echo "no CIFAR-10 archive found (set CIFAR_TAR)" | tee -a "$OUT/summary.txt"; exit 1
+fi
+tar -xzf "$tar_file" -C "$data"
+root=$(dirname "$(find "$data" -maxdepth 3 -type d -name train | head -1)")
+if [ $DRY = 1 ]; then  # 20 images per class, 2 epochs
+  for split in train test; do
+    for d in "$root/$split"/*/; do ls "$d" | tail -n +21 | sed "s|^|$d|" | xargs rm -f; done
+  done
+fi
+common=(--recipe cifar --workers "$(( $(nproc) > 12 ? 12 : $(nproc) ))" --device "$DEVICE" --no-progress
+        --val "$root/test")
+[ $DRY = 1 ] && common+=(--batch-size 64 --moco-k 256)
+# One epoch to time it (its "seconds" in metrics.jsonl), then as many epochs as fit in the budget,
+# the cosine schedule spanning exactly those epochs.
+$PY -m mocohub train "$root/train" "${common[@]}" --epochs 1 --knn-every 1000 --out "$data/probe" \
+  > "$OUT/probe.log" 2>&1 || { tail -20 "$OUT/probe.log"; exit 1; }
+per_epoch=$($PY -c "import json; print(json.loads(open('$data/probe/metrics.jsonl').readline())['seconds'])")
+epochs=$($PY -c "print(max(1, int($TRAIN_SECONDS / (1.2 * $per_epoch))))")
+[ $DRY = 1 ] && epochs=2
+log "$per_epoch s per epoch in the probe: training $epochs epochs"
+start=$(date +%s)
+$PY -m mocohub train "$root/train" "${common[@]}" --epochs "$epochs" --knn-every "$(( epochs > 4 ? epochs / 4 : 1 ))" \
+  --out "$data/run" 2>&1 | tee "$OUT/train.log" | grep -E "^(epoch|precision|MoCo)" || status=1
+end=$(date +%s)
+cp "$data/run/metrics.jsonl" "$OUT/" 2>/dev/null
+cp "$data/run/curves.png" "$OUT/" 2>/dev/null
+$PY - "$data/run" "$epochs" "$(( end - start ))" <<'EOF' | tee -a "$OUT/summary.txt"
+import json, sys
+run, epochs, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rows = [json.loads(l) for l in open(run + "/metrics.jsonl")]
+knn = [r["knn_top1"] for r in rows if "knn_top1" in r]
+print(f"CIFAR-10 cifar recipe: {len(rows)}/{epochs} epochs in {seconds} s "
+      f"({sum(r['seconds'] for r in rows) / max(len(rows), 1):.1f} s per epoch of training), "
+      f"kNN top-1 {knn[-1] if knn else float('nan'):.1f} % (official demo: 82.6 % after 200 epochs)")
+EOF
+rm -rf "$data"
+log "done (status $status)"
+exit $status

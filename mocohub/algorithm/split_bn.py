@@ -29,6 +29,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
         mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
         out = F.batch_norm(x.reshape(-1, c * s, h, w), mean, var, self.weight.repeat(s),
                            self.bias.repeat(s), True, self.momentum, self.eps).view(n, c, h, w)
+        if x.is_contiguous(memory_format=torch.channels_last):  # the regrouping copied to NCHW: go back,
+            out = out.contiguous(memory_format=torch.channels_last)  # or every later conv converts again
         with torch.no_grad():
             self.running_mean.copy_(mean.view(s, c).mean(0))
             self.running_var.copy_(var.view(s, c).mean(0))

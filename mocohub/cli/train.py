@@ -53,6 +53,7 @@ RECIPE_FLAGS = {
     "--mlp": ("mlp", _bool, {"metavar": "BOOL"}),
     "--aug": ("aug", str, {"choices": ("moco-v1", "moco-v2", "cifar")}),
     "--image-size": ("image_size", int, {}),
+    "--crop-min": ("crop_min", float, {"metavar": "SCALE"}),
     "--bn-groups": ("bn_groups", int, {}),
 }
 
@@ -82,6 +83,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     hw.add_argument("--channels-last", type=_bool, default=None, metavar="BOOL",
                     help="NHWC memory format; default: on with bf16/fp16, off in fp32")
     hw.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="data-loading processes per training process")
+    hw.add_argument("--aug-impl", default="auto", choices=("auto", "pil", "batched"),
+                    help="augmentation: PIL per image in the workers, or batched tensor ops; auto: batched on a GPU, "
+                         "PIL on the CPU")
+    hw.add_argument("--aug-device", default="auto", help="where batched augmentation runs (cpu, cuda); auto: the "
+                                                          "training device")
+    hw.add_argument("--cache-images", default="auto", choices=("auto", "on", "off"),
+                    help="decode the images once and keep them in shared memory; auto: when they fit in a "
+                         "quarter of the free memory (at most 2 GiB)")
+    hw.add_argument("--compile", action="store_true", help="torch.compile the encoders (needs a C compiler on CPU)")
     hw.add_argument("--device", default=None, help="e.g. cpu or cuda:0; default: the local GPU, else CPU")
     run_g = p.add_argument_group("run")
     run_g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")
@@ -95,6 +105,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run_g.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted kNN")
     run_g.add_argument("--knn-t", type=float, default=0.1, help="temperature of the weighted kNN")
     run_g.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="steps between metric lines")
+    run_g.add_argument("--tensorboard", action="store_true",
+                       help="also write the logged scalars to RUN_DIR/tensorboard (pip install 'mocohub[tensorboard]')")
     run_g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=run)
 

@@ -22,6 +22,10 @@ class TrainConfig(Recipe):
     precision: str = "auto"           # bf16 where the hardware has it natively, else fp32
     channels_last: bool | None = None  # None: NHWC with bf16/fp16
     workers: int = DEFAULT_WORKERS
+    aug_impl: str = "auto"            # pil (per image in the workers) | batched (tensor ops on aug_device)
+    aug_device: str = "auto"          # where the batched photometric ops run: the training device by default
+    cache_images: str = "auto"        # decode once and keep in memory when the decoded set fits
+    compile: bool = False             # torch.compile the encoders
     seed: int = 0
     val: str | None = None
     knn_every: int = 1
@@ -31,6 +35,7 @@ class TrainConfig(Recipe):
     restart: bool = False             # set an existing run folder's files aside and start over
     max_steps: int | None = None      # stop (and checkpoint) after this many steps in total
     log_every: int = 10
+    tensorboard: bool = False         # mirror the logged scalars to RUN_DIR/tensorboard
     device: str | None = None
     progress: bool = True
 

@@ -25,6 +25,7 @@ class Recipe:
     mlp: bool = False
     aug: str = "moco-v1"
     image_size: int = 224
+    crop_min: float | None = None  # RandomResizedCrop's smallest area; None: the augmentation's own
     bn_groups: int = 8             # BN statistics over batch/8 images: the official 8 GPUs x 32
     moco_version: str = "v1"
     paper: str = "He et al., Momentum Contrast for Unsupervised Visual Representation Learning, CVPR 2020"

@@ -1,8 +1,9 @@
 """The MoCo v1/v2 training loop: one process or many under torchrun (DDP), resumable to the step."""
 from __future__ import annotations
 
-import json
 import math
+import os
+import shutil
 import signal
 import statistics
 import threading
@@ -19,10 +20,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..algorithm import MoCo
+from ..cli.output import duration, pct
 from ..backbones import RESNET_ARCHS, STEMS
-from ..data.augment import AUGMENTATIONS, TwoViews, augmentation
+from ..data.augment import AUGMENTATIONS, two_views
+from ..data.batched import BatchedTwoViews
 from ..data.folder import ImageFolder, collate_images
 from ..errors import MocohubError
+from ..jsonlog import METRICS_NAME, STEPS_NAME
+from ..plotting import CURVES_NAME
 from ..precision import PRECISION_CHOICES, autocast, resolve_channels_last, resolve_precision
 from ..zoo.pretrained import RUN_EXPORT, build_config, pretrained_cfg_for, write_pretrained
 from ..zoo.transforms import transform_for
@@ -30,6 +35,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkp
 from .config import TrainConfig
 from .monitor import sharded_knn
 from .resume import config_differences, data_fingerprint
+from .runlog import TENSORBOARD_DIR, RunLog
 from .run_dir import RunLock, fresh_run_dir, prepare_run_dir, set_aside
 from .runtime import Runtime
 from .sampler import ResumableSampler
@@ -37,7 +43,7 @@ from .schedule import make_scheduler
 
 __all__ = ["train", "BACKBONE_DIR", "METRICS_NAME", "STEPS_NAME"]
 
-BACKBONE_DIR, METRICS_NAME, STEPS_NAME = RUN_EXPORT, "metrics.jsonl", "steps.jsonl"
+BACKBONE_DIR = RUN_EXPORT
 
 
 def _check_config(cfg: TrainConfig, world: int) -> int:
@@ -68,23 +74,19 @@ def _check_config(cfg: TrainConfig, world: int) -> int:
     return cfg.bn_splits
 
 
+def _require_compiler(device: torch.device) -> None:
+    """Inductor writes C++ on the CPU: name a missing compiler now, not deep inside the first step."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++")
+                                        if c):
+        raise MocohubError("--compile on the CPU needs a C++ compiler (g++ or clang++, e.g. apt-get install g++); "
+                           "or drop --compile")
+
+
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
     """Ctrl-C and SIGTERM reach a whole process group; loader workers ignore them so the trainer
     can finish its step, checkpoint and shut them down (instead of dying under it mid-step)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _trim_jsonl(path: Path, keep) -> None:
-    """Drop the log lines a resumed run will write again (those after its checkpoint)."""
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and keep(json.loads(l))]
-        path.write_text("".join(l + "\n" for l in lines))
-
-
-def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def _moco_state_dict(model: MoCo) -> dict[str, torch.Tensor]:
@@ -97,7 +99,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.rt = Runtime(cfg.device)
-        self.lock = None
+        self.lock = self.log = None
         try:
             self._setup(cfg)
         except BaseException:  # a refused start must not leave the process group or the lock behind
@@ -106,12 +108,16 @@ class Trainer:
 
     def _setup(self, cfg: TrainConfig) -> None:
         self.bn_splits = _check_config(cfg, self.rt.world)
+        if cfg.compile:
+            _require_compiler(self.rt.device)
         self.precision, self.precision_why = resolve_precision(cfg.precision, self.rt.device)
         self.channels_last = resolve_channels_last(cfg.channels_last, self.precision)
         self.run_dir = Path(self.rt.broadcast(str(cfg.out or fresh_run_dir(cfg.recipe, cfg.arch))))
         torch.manual_seed(cfg.seed)
-        view = augmentation(cfg.aug, cfg.image_size)
-        self.dataset = ImageFolder(cfg.data, TwoViews(view), seed=cfg.seed)
+        self.aug_impl, self.aug_device = self._choose_augmentation()
+        views = (BatchedTwoViews if self.aug_impl == "batched" else two_views)(cfg.aug, cfg.image_size, crop_min=cfg.crop_min)
+        self.views = views if self.aug_impl == "batched" else None
+        self.dataset = ImageFolder(cfg.data, views, seed=cfg.seed, cache_images=cfg.cache_images)
         self.data_id = data_fingerprint(cfg.data, (p for p, _ in self.dataset.samples))
         # evaluation preprocessing: the recipe's normalisation at the training crop size
         self.eval_cfg = pretrained_cfg_for(cfg.image_size, *AUGMENTATIONS[cfg.aug][2])
@@ -127,6 +133,7 @@ class Trainer:
         if self.rt.main:  # nothing is written before every check above has passed
             prepare_run_dir(self.run_dir)
             self.lock = RunLock(self.run_dir)
+            self.log = RunLog(self.run_dir, tensorboard=cfg.tensorboard)
         resume = self._resume_path()
         self.sampler = ResumableSampler(len(self.dataset), cfg.batch_size, num_replicas=self.rt.world,
                                         rank=self.rt.rank, seed=cfg.seed)
@@ -135,6 +142,9 @@ class Trainer:
                           stem=cfg.stem, bn_splits=self.bn_splits).to(self.rt.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if cfg.compile:  # in place: the state-dict names stay the official ones
+            self.model.encoder_q.compile()
+            self.model.encoder_k.compile()
         self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
@@ -152,6 +162,23 @@ class Trainer:
             self._load(resume)
         self.rt.barrier()  # rank 0 has set the folder up (or refused) before anyone trains
 
+    def _choose_augmentation(self) -> tuple[str, torch.device]:
+        """PIL per image in the loader workers, or batched tensor ops (crops in the workers, the
+        photometric ops on ``aug_device``). Auto: batched where a GPU trains (the workers alone
+        cannot feed it), PIL on the CPU, where the batched ops would take the training cores."""
+        cfg, device = self.cfg, self.rt.device
+        impl = cfg.aug_impl if cfg.aug_impl != "auto" else ("batched" if device.type == "cuda" else "pil")
+        if impl not in ("pil", "batched"):
+            raise MocohubError(f"unknown --aug-impl {cfg.aug_impl!r}; valid: auto, pil, batched")
+        if cfg.aug_device in (None, "auto"):
+            return impl, device
+        if cfg.aug_device.startswith("cuda") and not torch.cuda.is_available():
+            raise MocohubError(f"--aug-device {cfg.aug_device}: no CUDA GPU is visible here; use --aug-device cpu "
+                               "or auto")
+        if impl != "batched":
+            raise MocohubError("--aug-device applies to the batched augmentation: add --aug-impl batched")
+        return impl, device if cfg.aug_device == "cuda" else torch.device(cfg.aug_device)
+
     def _resume_path(self) -> Path | None:
         """``--resume FILE``; else the run folder's own checkpoint, unless ``--restart`` sets it aside."""
         if self.cfg.resume:
@@ -159,7 +186,8 @@ class Trainer:
         auto = self.run_dir / CHECKPOINT_NAME
         if self.cfg.restart:
             if self.rt.main:
-                aside = set_aside(self.run_dir, [CHECKPOINT_NAME, METRICS_NAME, STEPS_NAME, BACKBONE_DIR])
+                aside = set_aside(self.run_dir, [CHECKPOINT_NAME, METRICS_NAME, STEPS_NAME, BACKBONE_DIR,
+                                                 CURVES_NAME, TENSORBOARD_DIR])
                 if aside:
                     tqdm.write(f"--restart: the earlier run's files are kept in {aside}")
             self.rt.barrier()
@@ -233,8 +261,7 @@ class Trainer:
         for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
             group["lr"] = self.cfg.lr * factor(done)
         if self.rt.main:
-            _trim_jsonl(self.run_dir / STEPS_NAME, lambda r: r["step"] < done)
-            _trim_jsonl(self.run_dir / METRICS_NAME, lambda r: r["epoch"] < self.epoch)
+            self.log.trim(done, self.epoch)
             tqdm.write(f"resumed from {path} at epoch {self.epoch}, step {self.step_in_epoch}")
 
     # -- the loop ------------------------------------------------------------------------------
@@ -290,9 +317,9 @@ class Trainer:
                 raise self._diverged(loss, step)
         if self.rt.main:  # one line per interval: its last step, mean loss and accuracy, lr
             losses, accs = zip(*values)
-            _append_jsonl(self.run_dir / STEPS_NAME, [
-                {"step": pending[-1][0], "epoch": self.epoch, "steps": len(values), "loss": statistics.fmean(losses),
-                 "acc1": 100 * statistics.fmean(accs), "lr": pending[-1][1]}])
+            self.log.log_steps({"step": pending[-1][0], "epoch": self.epoch, "steps": len(values),
+                                "loss": statistics.fmean(losses), "acc1": 100 * statistics.fmean(accs),
+                                "lr": pending[-1][1]})
         pending.clear()
         return values
 
@@ -309,7 +336,8 @@ class Trainer:
         for batch in loader:
             global_step = self.global_step
             lr = self.optimizer.param_groups[0]["lr"]
-            loss, acc = self._train_step(*batch.images)
+            views = self.views.augment(batch.images, self.aug_device) if self.views else batch.images
+            loss, acc = self._train_step(*views)
             pending.append((global_step, lr, loss, acc))
             failed += self._note_failed(batch.failed)
             images += self.per_rank * self.rt.world
@@ -371,6 +399,12 @@ class Trainer:
                               pretrained_cfg=self.eval_cfg, meta=meta)
         return write_pretrained(self.run_dir / BACKBONE_DIR, state, config)
 
+    def _epoch_line(self, row: dict[str, Any]) -> str:
+        knn = f", kNN top-1 {pct(row['knn_top1'])}" if "knn_top1" in row else ""
+        skipped = f", {row['skipped']} file(s) skipped" if row["skipped"] else ""
+        return (f"epoch {row['epoch'] + 1}/{self.cfg.epochs}: loss {row['loss']:.3f}, instance accuracy "
+                f"{pct(row['acc1'])}{knn}, {row['images_per_s']:.0f} img/s, {duration(row['seconds'])}{skipped}")
+
     def _announce(self) -> None:
         cfg = self.cfg
         head = "MLP" if cfg.mlp else "linear"
@@ -402,8 +436,8 @@ class Trainer:
                     metrics = self._knn()
                     row.update(metrics)
                 if self.rt.main:
-                    _append_jsonl(self.run_dir / METRICS_NAME, [row])
-                    tqdm.write(json.dumps(row))
+                    self.log.log_epoch(row)
+                    tqdm.write(self._epoch_line(row))
             self.rt.barrier()  # rank 0's checkpoint is on disk before any process leaves
             if self.interrupted:
                 raise KeyboardInterrupt
@@ -417,6 +451,8 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run folder and the process group (also after a failed start)."""
+        if self.log is not None:
+            self.log.close()
         if self.lock is not None:
             self.lock.release()
             self.lock = None

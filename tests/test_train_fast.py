@@ -1,0 +1,80 @@
+"""The fast path's choices: precision from the hardware, batched augmentation that still resumes
+exactly, torch.compile, and clear refusals before anything is written."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mocohub.cli.main import main
+from mocohub.data.synthetic import make_dataset
+from mocohub.precision import native_bf16, resolve_channels_last, resolve_precision
+from mocohub.training import TrainConfig, train
+
+TINY = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "32", "--workers", "0",
+        "--no-progress", "--log-every", "1"]
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # what an AVX2-only CPU reports
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    train_dir, _ = make_dataset(tmp_path_factory.mktemp("data"), train_per_class=4, val_per_class=0, size=16)
+    return train_dir
+
+
+def _steps(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+
+
+def test_auto_precision_follows_the_hardware_in_the_start_line(data, tmp_path):
+    """On a CPU without native bf16 (emulated here with oneDNN's and ATen's ISA caps) auto is fp32
+    and says why; wherever this runs, auto is bf16 exactly when the CPU has native bf16."""
+    code = (f"from mocohub.cli.main import main; import sys; sys.exit(main({['train', str(data), *TINY, '--max-steps', '1', '--out', str(tmp_path / 'avx2')]!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **AVX2_ONLY})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "precision fp32 (this CPU (AVX2) has no native bf16" in proc.stdout and "NCHW" in proc.stdout
+    native, _ = native_bf16("cpu")
+    assert resolve_precision("auto", "cpu")[0] == ("bf16" if native else "fp32")
+    assert resolve_channels_last("auto", "bf16") and not resolve_channels_last("auto", "fp32")
+
+
+def test_explicit_bf16_on_a_cpu_without_it_warns_once():
+    code = ("import warnings; warnings.simplefilter('always'); from mocohub.precision import resolve_precision;"
+            "print(resolve_precision('bf16', 'cpu')); print(resolve_precision('bf16', 'cpu'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **AVX2_ONLY})
+    assert proc.stdout.count("('bf16', 'as asked')") == 2
+    assert proc.stderr.count("has no native bf16") == 1 and "auto (fp32 here) is faster" in proc.stderr
+
+
+def test_batched_augmentation_trains_and_resumes_to_equal_losses(data, tmp_path):
+    base = dict(data=str(data), image_size=16, batch_size=8, moco_k=32, workers=0, progress=False, log_every=1,
+                epochs=1, seed=2, aug_impl="batched", precision="fp32")
+    train(TrainConfig.from_recipe("cifar", out=str(tmp_path / "whole"), **base))
+    train(TrainConfig.from_recipe("cifar", out=str(tmp_path / "split"), max_steps=2, **base))
+    train(TrainConfig.from_recipe("cifar", out=str(tmp_path / "split"), **{**base, "workers": 2}))
+    whole, split = _steps(tmp_path / "whole"), _steps(tmp_path / "split")
+    assert len(whole) == 5 and [s["loss"] for s in split] == [s["loss"] for s in whole]
+    pil = tmp_path / "pil"
+    train(TrainConfig.from_recipe("cifar", out=str(pil), **{**base, "aug_impl": "pil"}))
+    assert [s["loss"] for s in _steps(pil)] != [s["loss"] for s in whole]  # the flag did change the pipeline
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_aug_device_cuda_without_a_gpu_is_refused_before_anything_is_written(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(data), *TINY, "--aug-impl", "batched", "--aug-device", "cuda", "--out", str(run)]) == 2
+    assert "--aug-device cuda: no CUDA GPU is visible" in capsys.readouterr().err and not run.exists()
+
+
+def test_compile_without_a_compiler_is_refused_before_anything_is_written(data, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("CXX", raising=False)
+    run = tmp_path / "run"
+    assert main(["train", str(data), *TINY, "--compile", "--out", str(run)]) == 2
+    assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err and not run.exists()
