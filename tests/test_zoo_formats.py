@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 
 import pytest
 import timm
@@ -179,3 +181,34 @@ def test_features_only_model_is_refused_by_save_pretrained(tmp_path):
     with pytest.raises(MocohubError, match="features_only model cannot be saved"):
         save_pretrained(features, tmp_path / "broken")
     assert not (tmp_path / "broken").exists()
+
+
+def _strings(obj) -> list[str]:
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items() for s in _strings(k) + _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return [obj] if isinstance(obj, str) else []
+
+
+def test_exports_carry_no_local_paths(tmp_path):
+    """config.json and the model card get published by push_to_hub: no path of this machine."""
+    data, home = tmp_path / "datasets" / "shapes", os.path.expanduser("~")
+    ckpt, _ = _training_checkpoint()
+    ckpt["mocohub"]["config"] |= {"data": str(data), "val": str(tmp_path / "val") + os.sep, "out": str(tmp_path / "run"),
+                                  "resume": str(tmp_path / "run" / "checkpoint.pth.tar")}
+    torch.save(ckpt, tmp_path / "ckpt.pth.tar")
+    converted = mocohub.from_pretrained(tmp_path / "ckpt.pth.tar")
+    meta = {"moco_version": "v2", "dataset": str(data), "out": str(tmp_path / "run"), "note": f"{home}/notes"}
+    exports = {"converted": mocohub.save_pretrained(converted, tmp_path / "converted"),
+               "trained": write_pretrained(tmp_path / "trained", converted.state_dict(),
+                                           build_config("resnet18", num_features=512, stem="cifar", meta=meta))}
+    for name, folder in exports.items():
+        config = json.loads((folder / "config.json").read_text())
+        card = (folder / "README.md").read_text()
+        assert not [s for s in _strings(config) if os.path.isabs(s) or s.startswith("~")], name
+        for text in (json.dumps(config), card):
+            assert "/tmp" not in text and str(tmp_path) not in text and home not in text, name
+        assert "out" not in config["mocohub"] and "resume" not in config["mocohub"]
+    assert json.loads((exports["converted"] / "config.json").read_text())["mocohub"]["data"] == "shapes"
+    assert json.loads((exports["trained"] / "config.json").read_text())["mocohub"]["dataset"] == "shapes"

@@ -30,10 +30,8 @@ def _front_matter(meta: Mapping[str, Any], version: str | None) -> str:
         tags.append(f"moco-{version}")
     lines = ["---", "library_name: timm", f"license: {meta.get('license', 'other')}",
              "pipeline_tag: image-feature-extraction", "tags:", *[f"- {t}" for t in tags]]
-    dataset = str(meta.get("dataset", "imagenet-1k" if meta.get("zoo_name") else ""))
-    if dataset and dataset.count("/") <= 1 and not any(c in dataset for c in "\\:~") \
-            and not dataset.startswith(("/", ".")):  # a Hub id, not a path
-        lines += ["datasets:", f"- {dataset}"]
+    if meta.get("zoo_name"):  # a run's dataset is a local folder's name, not a Hub dataset id
+        lines += ["datasets:", "- imagenet-1k"]
     if meta.get("imagenet_linear_top1") is not None:
         lines += ["metrics:", "- accuracy"]
     return "\n".join(lines + ["---", ""])

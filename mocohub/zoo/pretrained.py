@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Mapping
 
 import timm
@@ -25,7 +25,7 @@ from .instantiate import build_loaded
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "RUN_CHECKPOINT", "RUN_EXPORT", "IMAGENET_PRETRAINED_CFG", "pretrained_cfg_for",
-    "build_config", "build_model", "write_pretrained", "save_pretrained", "read_pretrained_dir",
+    "public_meta", "build_config", "build_model", "write_pretrained", "save_pretrained", "read_pretrained_dir",
     "load_pretrained_dir",
 ]
 
@@ -54,10 +54,32 @@ def pretrained_cfg_for(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_S
     return cfg
 
 
+# Run settings that name places on the training machine: the dataset folders keep only their
+# name, the run's own files are dropped; an export is published and must not carry local paths.
+_FOLDER_KEYS = ("data", "dataset", "val")
+_LOCAL_ONLY_KEYS = ("out", "resume")
+
+
+def _is_local_path(value: str) -> bool:
+    return value.startswith("~") or PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute()
+
+
+def public_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """``meta`` without local paths: folder names instead of paths, no output or resume file."""
+    public = {}
+    for key, value in meta.items():
+        if key in _LOCAL_ONLY_KEYS:
+            continue
+        if isinstance(value, str) and value and (key in _FOLDER_KEYS or _is_local_path(value)):
+            value = PureWindowsPath(value.rstrip("/\\")).name  # splits on both separators
+        public[key] = value
+    return public
+
+
 def build_config(arch: str, *, num_features: int, num_classes: int = 0, stem: str = "imagenet",
                  pretrained_cfg: Mapping[str, Any] | None = None,
                  meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A ``config.json`` dict that both timm and mocohub read."""
+    """A ``config.json`` dict that both timm and mocohub read; ``meta`` loses its local paths."""
     cfg = dict(pretrained_cfg or IMAGENET_PRETRAINED_CFG)
     cfg["num_classes"] = num_classes
     return {
@@ -67,7 +89,7 @@ def build_config(arch: str, *, num_features: int, num_classes: int = 0, stem: st
         "global_pool": "avg",
         "model_args": {},
         "pretrained_cfg": cfg,
-        "mocohub": {"stem": stem, **(meta or {})},
+        "mocohub": {"stem": stem, **public_meta(meta or {})},
     }
 
 
@@ -92,11 +114,13 @@ def write_pretrained(save_dir: str | os.PathLike, state_dict: Mapping[str, torch
                      config: Mapping[str, Any], *, repo_id: str | None = None) -> Path:
     """Write weights, config and model card atomically (a crash never leaves a half-written file).
 
+    Local paths in the config's ``mocohub`` section are not written (``public_meta``).
     The weights go first, so a folder whose ``config.json`` exists has its weights too.
     """
     out = Path(save_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    config = {**config, "mocohub": public_meta(config.get("mocohub", {}))}  # also an older export's config
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(dict(config), indent=2) + "\n"
     card = model_card(config, repo_id=repo_id)
