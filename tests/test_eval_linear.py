@@ -69,11 +69,27 @@ def test_fast_probe_and_saved_classifier_round_trip(folders, tmp_path):
         assert torch.allclose(full(x), head(model(x)), atol=1e-5)
 
 
-def test_fast_probe_holds_out_whole_images():
-    feats = torch.randn(40, 4)
-    train = Embeddings(feats, torch.arange(2).repeat(20), torch.arange(20).repeat(2), [])
+def test_fast_probe_holds_out_whole_images(monkeypatch):
+    """Both augmented copies of an image fall on the same side of the weight-decay hold-out."""
+    from mocohub.evaluation import linear
+
+    images = torch.arange(20).repeat(2)  # rows i and i + 20 are two copies of image i
+    feats = torch.cat([images[:, None].float(), torch.randn(40, 3)], 1)  # column 0 names the image
+    fitted, scored, fit = [], [], linear.fit_linear_head
+
+    def recording_fit(features, labels, num_classes, **kwargs):
+        fitted.append(features[:, 0].long().tolist())
+        head = fit(features, labels, num_classes, **kwargs)
+        return lambda x: scored.append(x[:, 0].long().tolist()) or head(x)
+
+    monkeypatch.setattr(linear, "fit_linear_head", recording_fit)
+    train = Embeddings(feats, torch.arange(2).repeat(20), images, [])
     _, metrics = fast_linear_probe(train, train, 2, weight_decays=(1e-4, 1e-2), holdout=0.25, max_iter=5)
-    assert metrics["num_train"] == 40 and metrics["weight_decay"] in (1e-4, 1e-2)
+    assert len(fitted) == 3 and fitted[-1] == images.tolist()  # two searches, then the refit on all rows
+    for fit_rows, held_rows in zip(fitted[:2], scored[:2]):
+        assert len(held_rows) == 10 and sorted(held_rows) == sorted(2 * sorted(set(held_rows)))  # 5 whole images
+        assert sorted(fit_rows + held_rows) == sorted(images.tolist()) and not set(fit_rows) & set(held_rows)
+    assert scored[0] == scored[1] and metrics["num_train"] == 40
     with pytest.raises(MocohubError, match="no labels"):
         fast_linear_probe(train._replace(labels=torch.full((40,), -1)), train, 2)
 

@@ -123,8 +123,13 @@ def test_split_batchnorm_normalises_each_group():
         part = x[g::2]
         mean, var = part.mean((0, 2, 3), keepdim=True), part.var((0, 2, 3), unbiased=False, keepdim=True)
         torch.testing.assert_close(out[g::2], (part - mean) / torch.sqrt(var + bn.eps), rtol=1e-4, atol=1e-4)
-    expected_mean = 0.1 * torch.stack([x[g::2].mean((0, 2, 3)) for g in range(2)]).mean(0)
+    # running stats: each group updates (momentum 0.1) from 0 / 1 with its mean / unbiased variance,
+    # then the groups are averaged
+    groups = [x[g::2].transpose(0, 1).reshape(3, -1) for g in range(2)]
+    expected_mean = sum(0.9 * 0.0 + 0.1 * part.mean(1) for part in groups) / 2
+    expected_var = sum(0.9 * 1.0 + 0.1 * part.var(1, unbiased=True) for part in groups) / 2
     torch.testing.assert_close(bn.running_mean, expected_mean)
+    torch.testing.assert_close(bn.running_var, expected_var)
     bn.eval()
     torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
 
