@@ -16,6 +16,7 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -94,11 +95,16 @@ class FileServer(_Server):
 
 
 class HubServer(_Server):
-    """An in-memory Hub: ``repos[repo_id] = {"refs": {branch: sha}, "commits": {sha: {path: bytes}}}``."""
+    """An in-memory Hub: ``repos[repo_id] = {"refs": {branch: sha}, "commits": {sha: {path: bytes}}}``.
+
+    ``after_download`` runs as each file is served (its bytes already chosen), e.g. to move a branch
+    between two requests.
+    """
 
     def __init__(self) -> None:
         self.repos: dict[str, dict] = {}
         self.lock = threading.Lock()
+        self.after_download: Callable[[str, str], None] | None = None  # (repo_id, path) of each file GET
         super().__init__(self._handler())
 
     def commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main") -> str:
@@ -107,7 +113,8 @@ class HubServer(_Server):
             repo = self.repos.setdefault(repo_id, {"refs": {}, "commits": {}})
             parent = repo["commits"].get(repo["refs"].get(branch), {})
             tree = {**parent, **files}
-            sha = hashlib.sha1(repr((repo_id, len(repo["commits"]), sorted(tree.items()))).encode()).hexdigest()
+            digests = sorted((path, hashlib.sha256(data).hexdigest()) for path, data in tree.items())
+            sha = hashlib.sha1(repr((repo_id, len(repo["commits"]), digests)).encode()).hexdigest()
             repo["commits"][sha] = tree
             repo["refs"][branch] = sha
             return sha
@@ -164,6 +171,8 @@ class HubServer(_Server):
                     return self._error(404, "EntryNotFound", head)
                 body = tree[name]
                 headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(body).hexdigest()}"'}
+                if not head and hub.after_download is not None:  # before the reply: the client waits for it
+                    hub.after_download(repo_id, name)
                 self._reply(200, body, headers, head)
 
             def do_HEAD(self):

@@ -83,8 +83,13 @@ except mocohub.MocohubError as e:
     offline = run_client("""
 results["main"] = out(mocohub.from_pretrained("hf-hub:org/moco-r18"))
 results["timm"] = out(timm.create_model("hf-hub:org/moco-r18", pretrained=True))
+try:
+    mocohub.from_pretrained("hf-hub:org/never-fetched")
+except mocohub.MocohubError as e:
+    results["uncached"] = str(e)
 """, tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="1")
     assert torch.equal(offline["main"], results["mocohub"]) and torch.equal(offline["timm"], results["timm"])
+    assert "not in the local Hub cache" in offline["uncached"]
 
 
 def test_push_to_hub_and_convert_push_round_trip(tmp_path, export):
@@ -107,3 +112,27 @@ results["timm"] = out(timm.create_model("hf-hub:org/converted", pretrained=True)
         assert torch.equal(results[key], expected), key
     assert b'hf-hub:org/converted' in card and not HubServer.validate_card(card.decode())
     assert config["architecture"] == "resnet18" and config["num_classes"] == 0
+
+
+def test_config_and_weights_come_from_one_commit_while_the_branch_moves(tmp_path, export):
+    """A push landing between the client's two downloads must not pair one commit's config with
+    another's weights."""
+    folder, expected = export
+    state_dict, config = read_pretrained_dir(folder)
+    moved = {"model.safetensors": _perturbed(state_dict, tmp_path),
+             "config.json": json.dumps({**config, "mocohub": {**config["mocohub"], "commit": "second"}}).encode()}
+    with HubServer() as hub:
+        first = hub.add_folder("org/moving", folder)
+
+        def push_once(repo_id: str, path: str) -> None:
+            if hub.repos[repo_id]["refs"]["main"] == first:
+                hub.commit(repo_id, moved)
+
+        hub.after_download = push_once
+        results = run_client("""
+model = mocohub.from_pretrained("hf-hub:org/moving")
+results["out"] = out(model)
+results["commit"] = model.mocohub_config["mocohub"].get("commit", "first")
+""", tmp_path, HF_ENDPOINT=hub.url)
+        assert hub.repos["org/moving"]["refs"]["main"] != first  # the branch did move mid-load
+    assert results["commit"] == "first" and torch.equal(results["out"], expected)

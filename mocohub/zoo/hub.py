@@ -6,6 +6,7 @@ a repo is a folder written by ``write_pretrained`` (the same files timm's ``hf-h
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .pretrained import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 __all__ = ["HUB_PREFIX", "parse_hub_source", "download_hub_repo", "push_folder", "push_to_hub"]
 
 HUB_PREFIX = "hf-hub:"
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def parse_hub_source(source: str) -> tuple[str, str | None]:
@@ -31,26 +33,33 @@ def parse_hub_source(source: str) -> tuple[str, str | None]:
 
 
 def download_hub_repo(source: str) -> Path:
-    """The local snapshot folder holding the repo's ``config.json`` and ``model.safetensors``."""
+    """The local snapshot folder holding ``config.json`` and ``model.safetensors`` of one commit."""
     repo_id, revision = parse_hub_source(source)
     from .. import __version__
 
+    def fetch(name: str, rev: str | None) -> Path:
+        return Path(hf_hub_download(repo_id, name, revision=rev, library_name="mocohub", library_version=__version__))
+
     try:
-        paths = [hf_hub_download(repo_id, name, revision=revision, library_name="mocohub",
-                                 library_version=__version__) for name in (WEIGHTS_NAME, CONFIG_NAME)]
+        config = fetch(CONFIG_NAME, revision)
+        # a branch can move between two requests: the weights come from the commit the config came from
+        commit = config.parent.name  # the cache keeps a file under snapshots/<commit>/
+        if not _COMMIT.fullmatch(commit):
+            raise MocohubError(f"unexpected Hub cache layout for {config}: no commit hash in its folder name")
+        weights = fetch(WEIGHTS_NAME, commit)
     except RepositoryNotFoundError as e:
         raise MocohubError(f"Hub repo {repo_id!r} not found (or private: log in with `hf auth login`)") from e
     except RevisionNotFoundError as e:
         raise MocohubError(f"Hub repo {repo_id!r} has no revision {revision!r}") from e
+    except LocalEntryNotFoundError as e:  # before its base class, EntryNotFoundError
+        raise MocohubError(f"{source} is not in the local Hub cache and the Hub cannot be reached "
+                           "(offline mode or no network)") from e
     except EntryNotFoundError as e:
         raise MocohubError(f"Hub repo {repo_id!r} is not a mocohub/timm model: it lacks "
                            f"{WEIGHTS_NAME} or {CONFIG_NAME}") from e
-    except LocalEntryNotFoundError as e:
-        raise MocohubError(f"{source} is not in the local Hub cache and the Hub cannot be reached "
-                           "(offline mode or no network)") from e
     except HfHubHTTPError as e:
         raise MocohubError(f"Hub request for {source} failed: {e}") from e
-    return Path(paths[0]).parent
+    return weights.parent
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = None,
