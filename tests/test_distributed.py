@@ -16,7 +16,11 @@ WORLD, PER_RANK, SEED, PERM_SEED = 2, 4, 0, 1234
 
 def _model() -> MoCo:
     torch.manual_seed(SEED)
-    return MoCo("resnet18", dim=8, K=16, m=0.9, T=0.2, stem="cifar")
+    model = MoCo("resnet18", dim=8, K=16, m=0.9, T=0.2, stem="cifar")
+    with torch.no_grad():  # a key encoder unlike the query encoder, so the momentum update shows in the check
+        for p in model.encoder_k.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +66,8 @@ def _emulate() -> dict:
     queue[:, :WORLD * PER_RANK] = keys.T
     return {"logits": [l.detach() for l, _ in out], "loss": [l.detach() for _, l in out],
             "grads": {n: p.grad for n, p in model.encoder_q.named_parameters()},
-            "queue": queue, "encoder_k": {n: p for n, p in model.encoder_k.named_parameters()}}
+            "queue": queue, "encoder_k": {n: p for n, p in model.encoder_k.named_parameters()},
+            "encoder_q": {n: p.detach() for n, p in model.encoder_q.named_parameters()}}
 
 
 def test_two_process_step_matches_emulation(tmp_path):
@@ -77,7 +82,8 @@ def test_two_process_step_matches_emulation(tmp_path):
             torch.testing.assert_close(got["grads"][name], grad, rtol=1e-3, atol=1e-5, msg=name)
         torch.testing.assert_close(got["state"]["queue"], expected["queue"], rtol=1e-4, atol=1e-5)
         assert int(got["state"]["queue_ptr"]) == WORLD * PER_RANK
-        for name, value in expected["encoder_k"].items():
+        for name, value in expected["encoder_k"].items():  # m * perturbed key encoder + (1 - m) * query encoder
+            assert not torch.allclose(value, expected["encoder_q"][name]), name
             torch.testing.assert_close(got["state"][f"encoder_k.{name}"], value, msg=name)
 
 
@@ -86,7 +92,7 @@ def test_torchrun_trains_with_two_processes(tmp_path):
     train_dir, _ = make_dataset(tmp_path / "data", train_per_class=2, val_per_class=0, size=16)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mocohub",
-           "train", str(train_dir), "--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "16",
+           "train", str(train_dir), "--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "24",
            "--epochs", "1", "--workers", "0", "--no-progress", "--out", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -94,5 +100,5 @@ def test_torchrun_trains_with_two_processes(tmp_path):
     from mocohub.training import load_checkpoint
     ckpt = load_checkpoint(run / "checkpoint.pth.tar")
     assert ckpt["epoch"] == 1 and ckpt["mocohub"]["world_size"] == 2
-    assert int(ckpt["state_dict"]["module.queue_ptr"]) == (20 // 8 * 8) % 16  # every rank's keys entered
+    assert int(ckpt["state_dict"]["module.queue_ptr"]) == 16  # 2 steps of 8 keys (both ranks') in a queue of 24
     assert (run / "backbone" / "model.safetensors").is_file()
