@@ -78,3 +78,15 @@ def test_compile_without_a_compiler_is_refused_before_anything_is_written(data, 
     run = tmp_path / "run"
     assert main(["train", str(data), *TINY, "--compile", "--out", str(run)]) == 2
     assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err and not run.exists()
+
+
+def test_compile_compiles_both_encoders_and_keeps_the_official_names(data, tmp_path):
+    """Wiring only: a first compiled step takes minutes on 2 cores (bench_step --compile times it)."""
+    from mocohub.training.trainer import Trainer
+    t = Trainer(TrainConfig.from_recipe("cifar", data=str(data), out=str(tmp_path / "run"), image_size=16,
+                                        batch_size=8, moco_k=32, workers=0, progress=False, compile=True))
+    try:
+        assert t.model.encoder_q._compiled_call_impl is not None and t.model.encoder_k._compiled_call_impl is not None
+        assert all(k.startswith(("encoder_q.", "encoder_k.", "queue")) for k in t.model.state_dict())
+    finally:
+        t.close()
