@@ -8,11 +8,11 @@ import torch.nn as nn
 
 from mocohub import MoCoV3, MocohubError, from_pretrained
 from mocohub.backbones import create_vit
-from mocohub.training.optim import LARS, v3_momentum, v3_optimizer
+from mocohub.training.optim import LARS, scaled_lr, v3_lr, v3_momentum, v3_optimizer
 from mocohub.zoo.formats import convert
 from mocohub.zoo.pretrained import build_config, write_pretrained
-from reference_moco_v3 import (ReferenceLARS, ReferenceMoCoV3ResNet, ReferenceMoCoV3ViT, official_resnet,
-                               official_vit)
+from reference_moco_v3 import (ReferenceLARS, ReferenceMoCoV3ResNet, ReferenceMoCoV3ViT, adjust_learning_rate,
+                               adjust_moco_momentum, official_resnet, official_vit)
 
 TINY_VIT = dict(img_size=16, patch_size=8, embed_dim=48, depth=2)  # 12 heads of 4 dims, a 2x2 grid
 
@@ -194,3 +194,21 @@ def test_lars_zero_norms_and_random_steps_match_the_official():
         opt_r.step()
         for o, r in zip(ours, ref):
             torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-14)
+
+
+def test_schedules_by_hand():
+    base = scaled_lr(0.6, 4096)  # the R50 recipe: 0.6 x 4096 / 256
+    assert base == pytest.approx(9.6)
+    assert v3_lr(0.0, 100, 10, base) == 0.0
+    assert v3_lr(2.5, 100, 10, base) == pytest.approx(2.4)  # a quarter of the warmup
+    assert v3_lr(10.0, 100, 10, base) == pytest.approx(9.6)  # warmup done: the cosine starts at the top
+    assert v3_lr(55.0, 100, 10, base) == pytest.approx(4.8)  # halfway through the cosine
+    assert v3_lr(77.5, 100, 10, base) == pytest.approx(9.6 * 0.5 * (1 - math.sqrt(0.5)))  # three quarters
+    assert v3_lr(100.0, 100, 10, base) == pytest.approx(0.0, abs=1e-12)
+    assert v3_momentum(0.0, 100, 0.99) == pytest.approx(0.99)
+    assert v3_momentum(50.0, 100, 0.99) == pytest.approx(0.995)
+    assert v3_momentum(25.0, 100, 0.99) == pytest.approx(1 - 0.005 * (1 + math.sqrt(0.5)))
+    assert v3_momentum(100.0, 100, 0.99) == pytest.approx(1.0)
+    for epoch in (0.0, 3.3, 10.0, 42.7, 99.9):  # and the official functions agree everywhere
+        assert v3_lr(epoch, 100, 10, 1.5e-4) == pytest.approx(adjust_learning_rate(epoch, 1.5e-4, 10, 100))
+        assert v3_momentum(epoch, 100, 0.996) == pytest.approx(adjust_moco_momentum(epoch, 0.996, 100))
