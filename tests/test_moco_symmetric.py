@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from mocohub import MoCo
 from reference_moco import ReferenceMoCo
+from test_moco import _Linear
 
 
 class ReferenceSymmetricMoCo(ReferenceMoCo):
@@ -63,17 +64,8 @@ def test_matches_the_official_demo():
     assert int(ours.queue_ptr) == 4
 
 
-class _Fc(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(2, 2, bias=False)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
 def test_symmetric_by_hand():
-    model = MoCo(_Fc(), dim=2, K=4, m=0.0, T=0.5, symmetric=True)
+    model = MoCo(_Linear(), dim=2, K=4, m=0.0, T=0.5, symmetric=True)
     with torch.no_grad():
         model.encoder_q.fc.weight.copy_(torch.eye(2))
         model.encoder_q.fc.bias.zero_()
@@ -94,9 +86,9 @@ def test_symmetric_by_hand():
 
 def test_symmetric_needs_return_loss_and_a_queue_of_twice_the_batch():
     with pytest.raises(ValueError, match="return_loss=True"):
-        MoCo(_Fc(), dim=2, K=8, symmetric=True)(torch.randn(2, 2), torch.randn(2, 2))
-    MoCo(_Fc(), dim=2, K=6)(torch.randn(2, 2), torch.randn(2, 2))  # 2 keys a step divide 6
+        MoCo(_Linear(), dim=2, K=8, symmetric=True)(torch.randn(2, 2), torch.randn(2, 2))
+    MoCo(_Linear(), dim=2, K=6)(torch.randn(2, 2), torch.randn(2, 2))  # 2 keys a step divide 6
     with pytest.raises(ValueError, match="twice it with the symmetric loss"):
-        MoCo(_Fc(), dim=2, K=6, symmetric=True)(torch.randn(2, 2), torch.randn(2, 2), return_loss=True)
-    loss, logits, labels = MoCo(_Fc(), dim=2, K=4)(torch.randn(2, 2), torch.randn(2, 2), return_loss=True)
+        MoCo(_Linear(), dim=2, K=6, symmetric=True)(torch.randn(2, 2), torch.randn(2, 2), return_loss=True)
+    loss, logits, labels = MoCo(_Linear(), dim=2, K=4)(torch.randn(2, 2), torch.randn(2, 2), return_loss=True)
     torch.testing.assert_close(loss, F.cross_entropy(logits, labels))  # asymmetric: the usual loss
