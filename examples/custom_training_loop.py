@@ -1,6 +1,9 @@
 """Your own MoCo v2 training loop with mocohub's pieces (``mocohub train`` does all this for you).
 
-    python examples/custom_training_loop.py --images photos/ --arch resnet18 --image-size 64 --steps 100
+    python examples/custom_training_loop.py --images photos/ --arch resnet18 --image-size 64 --steps 100 --save moco.pth.tar
+
+``--save`` writes the official checkpoint layout: ``mocohub.from_pretrained("moco.pth.tar")`` loads
+its backbone, and ``mocohub train --resume moco.pth.tar`` continues it.
 
 The loop is the paper's: ``loss = F.cross_entropy(*model(im_q, im_k))``. The key encoder's
 momentum update, Shuffle BN and the queue happen inside ``MoCo.forward``.
@@ -28,6 +31,7 @@ def main(argv=None) -> list[float]:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=0.03 * 32 / 256, help="0.03 per 256 images (linear scaling)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--save", help="write the model and optimiser here (official MoCo checkpoint layout)")
     args = p.parse_args(argv)
 
     # aug+ of MoCo v2; each image gives two independently augmented views
@@ -51,6 +55,9 @@ def main(argv=None) -> list[float]:
             print(f"step {len(losses)}: loss {losses[-1]:.4f}")
             if len(losses) == args.steps:
                 break
+    if args.save:
+        torch.save({"epoch": 0, "arch": args.arch, "optimizer": optimizer.state_dict(),
+                    "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, args.save)
     return losses
 
 

@@ -1,4 +1,4 @@
-"""A torchvision Faster R-CNN on a MoCo backbone: one training step on a synthetic batch.
+"""A torchvision Faster R-CNN on a MoCo backbone: a few training steps on one synthetic batch.
 
     python examples/faster_rcnn.py --model moco-r50
 
@@ -29,7 +29,7 @@ def synthetic_batch(n: int, size: int, num_classes: int) -> tuple[list, list]:
     return images, targets
 
 
-def main(argv=None) -> dict[str, float]:
+def main(argv=None) -> list[dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="moco-r50", help="anything mocohub.from_pretrained accepts (a ResNet)")
     p.add_argument("--norm", default="sync_bn", choices=NORMS)
@@ -37,6 +37,7 @@ def main(argv=None) -> dict[str, float]:
     p.add_argument("--num-classes", type=int, default=21, help="including background (VOC: 21)")
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1, help="steps on the same batch (the loss should fall)")
     args = p.parse_args(argv)
 
     backbone = detection_backbone(args.model, norm=args.norm, trainable_layers=args.trainable_layers)
@@ -44,15 +45,16 @@ def main(argv=None) -> dict[str, float]:
                           min_size=args.image_size, max_size=args.image_size).train()
     optimizer = torch.optim.SGD([p for p in detector.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
     images, targets = synthetic_batch(args.batch_size, args.image_size, args.num_classes)
-    losses = detector(images, targets)
-    loss = sum(losses.values())
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    result = {k: round(v.item(), 4) for k, v in losses.items()}
-    print(result)
-    return result
-
+    history = []
+    for step in range(args.steps):
+        losses = detector(images, targets)
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append({k: round(v.item(), 4) for k, v in losses.items()})
+        print(f"step {step + 1}: {history[-1]}")
+    return history
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
 """Each example runs end to end on tiny inputs (as scripts, the way users run them)."""
 import ast
+import math
 import runpy
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 
 import mocohub
 from eval_fixtures import make_image_folder
+from mocohub.data.folder import ImageFolder
 from mocohub.zoo.pretrained import build_config, build_model, pretrained_cfg_for
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -30,12 +32,18 @@ def _run(name, args):
 
 def test_finetune_classifier(tiny, tmp_path):
     model, train, val = tiny
+    torch.manual_seed(0)
     result = _run("finetune_classifier.py", ["--model", model, "--train", str(train), "--val", str(val),
                                              "--out", str(tmp_path / "clf"), "--epochs", "2", "--batch-size", "6",
                                              "--workers", "0"])
-    assert result["epoch"] == 2 and 0.0 <= result["val_top1"] <= 100.0
+    assert result["epoch"] == 2 and result["val_top1"] >= 2 * 100 / 3  # 3 colour classes: chance is 33%
     clf = mocohub.from_pretrained(str(tmp_path / "clf"), num_classes=None)
     assert clf.num_classes == 3 and clf.mocohub_config["mocohub"]["classes"] == ["class0", "class1", "class2"]
+    data = ImageFolder(val, mocohub.transform_for(clf))
+    images, labels = zip(*(data[i][:2] for i in range(len(data))))
+    with torch.no_grad():  # the saved classifier is the one that scored
+        correct = (clf.eval()(torch.stack(images)).argmax(1) == torch.tensor(labels)).sum().item()
+    assert 100.0 * correct / len(labels) == pytest.approx(result["val_top1"])
 
 
 def test_nearest_neighbours(tiny, tmp_path):
@@ -48,14 +56,33 @@ def test_nearest_neighbours(tiny, tmp_path):
 
 
 def test_faster_rcnn(tiny):
-    losses = _run("faster_rcnn.py", ["--model", tiny[0], "--image-size", "64", "--num-classes", "3"])
-    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    torch.manual_seed(0)
+    history = _run("faster_rcnn.py", ["--model", tiny[0], "--image-size", "64", "--num-classes", "3", "--steps", "3"])
+    assert len(history) == 3
+    assert set(history[0]) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(math.isfinite(v) for losses in history for v in losses.values())
+    totals = [sum(losses.values()) for losses in history]
+    assert totals[-1] < totals[0], totals  # steps on one batch lower its loss
 
 
-def test_custom_training_loop(tiny):
-    losses = _run("custom_training_loop.py", ["--images", str(tiny[1]), "--arch", "resnet18", "--image-size", "16",
-                                              "--batch-size", "8", "--queue", "16", "--steps", "3", "--workers", "0"])
-    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+def test_custom_training_loop(tiny, tmp_path):
+    """The loop trains: the query encoder moved, the key encoder followed it, the queue advanced."""
+    args = ["--images", str(tiny[1]), "--arch", "resnet18", "--image-size", "16", "--batch-size", "8",
+            "--queue", "16", "--steps", "3", "--workers", "0"]
+    torch.manual_seed(0)
+    losses = _run("custom_training_loop.py", [*args, "--save", str(tmp_path / "moco.pth.tar")])
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    torch.manual_seed(0)  # the model the example started from
+    start = mocohub.MoCo("resnet18", dim=128, K=16, m=0.999, T=0.2, mlp=True, stem="cifar", bn_splits=4).state_dict()
+    saved = torch.load(tmp_path / "moco.pth.tar", weights_only=True)
+    state = {k.removeprefix("module."): v for k, v in saved["state_dict"].items()}
+    assert int(state["queue_ptr"]) == 3 * 8 % 16 and len(saved["optimizer"]["state"]) > 0
+    w = "encoder_q.conv1.weight"
+    q0, q1, k1 = start[w], state[w], state[w.replace("encoder_q", "encoder_k")]
+    assert not torch.equal(q1, q0) and not torch.equal(k1, q0) and not torch.equal(k1, q1)
+    assert (k1 - q0).norm() < 0.01 * (q1 - q0).norm()  # m = 0.999: the key encoder barely follows
+    backbone = mocohub.from_pretrained(str(tmp_path / "moco.pth.tar"))  # the official layout loads
+    torch.testing.assert_close(backbone.state_dict()["conv1.weight"], q1)
 
 
 def test_examples_document_themselves():
