@@ -90,3 +90,15 @@ def test_compile_compiles_both_encoders_and_keeps_the_official_names(data, tmp_p
         assert all(k.startswith(("encoder_q.", "encoder_k.", "queue")) for k in t.model.state_dict())
     finally:
         t.close()
+
+
+def test_split_batchnorm_keeps_channels_last():
+    """The regrouping reshape copies to NCHW; without restoring the layout every later conv of the
+    single-device default (8 BN groups) would convert back."""
+    from mocohub.algorithm.split_bn import SplitBatchNorm
+    bn = SplitBatchNorm(4, num_splits=2).train()
+    x = torch.randn(8, 4, 5, 5)
+    out_cl = bn(x.contiguous(memory_format=torch.channels_last))
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, SplitBatchNorm(4, num_splits=2).train()(x))
+    assert bn(x).is_contiguous()
