@@ -113,8 +113,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("lincls", help="linear evaluation: train an fc on a frozen backbone",
                        description="The official linear protocol (frozen backbone in eval mode, fc N(0, 0.01), "
-                                   "SGD; v1: lr 30, 100 epochs, x0.1 at 60 and 80, batch 256; v3: lr 0.1*batch/256, "
-                                   "cosine, 90 epochs, batch 1024), or --fast: L-BFGS on features computed once. "
+                                   "SGD; v1: lr 30, 100 epochs, x0.1 at 60 and 80, batch 256; v3: lr 0.1*batch/256 "
+                                   "(a ViT: 3*batch/256, the v3-vit protocol), cosine, 90 epochs, batch 1024), or --fast: L-BFGS on features computed once. "
                                    "OUT gets backbone + fc (from_pretrained(OUT, num_classes=None) loads both) "
                                    "and metrics.jsonl.", formatter_class=fmt)
     _common(p, batch_size=None)
@@ -216,6 +216,8 @@ def _lincls(args: argparse.Namespace, hw: Hardware, start: float) -> int:
         summary = (f"linear probe (fast): top-1 {pct(metrics['top1'])}, top-5 {pct(metrics['top5'])} ({chosen}; "
                    f"{count(metrics['num_train'])} train / {count(metrics['num_val'])} val images")
     else:
+        if args.protocol == "v3" and hasattr(model, "patch_embed"):  # MoCo v3's ViT linear protocol: base lr 3
+            args.protocol = "v3-vit"
         protocol = resolve_protocol(args.protocol, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay, schedule=args.schedule,
                                     batch_size=args.batch_size,

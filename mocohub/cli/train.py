@@ -1,8 +1,9 @@
-"""``mocohub train DATA_DIR``: MoCo v1/v2 pre-training with every official hyper-parameter as a flag."""
+"""``mocohub train DATA_DIR``: MoCo v1/v2/v3 pre-training with every official hyper-parameter as a flag."""
 from __future__ import annotations
 
 import argparse
 
+from ..data.augment import AUGMENTATIONS
 from ..data.folder import DEFAULT_WORKERS
 from ..precision import PRECISION_CHOICES
 from ..training.config import TrainConfig
@@ -15,11 +16,12 @@ __all__ = ["add_parser", "run"]
 def _recipe_default(field: str) -> str:
     values = {name: getattr(r, field) for name, r in RECIPES.items()}
     shown = [f"{n}: {' '.join(map(str, v)) if isinstance(v, tuple) else v}" for n, v in values.items()]
-    return "default from --recipe (" + "; ".join(shown) + ")"
+    return NOTES.get(field, "") + "default from --recipe (" + "; ".join(shown) + ")"
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except for switches and the recipe-dependent flags (their help lists them)."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except for switches and the recipe-dependent flags (their help lists them);
+    the description and the recipe examples keep their lines."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or isinstance(action.default, bool):
@@ -37,7 +39,7 @@ def _bool(text: str) -> bool:
 
 # flag -> (recipe field, type, extra argparse options)
 RECIPE_FLAGS = {
-    "--arch": ("arch", str, {}),
+    "--arch": ("arch", str, {"metavar": "ARCH"}),
     "--stem": ("stem", str, {"choices": ("imagenet", "cifar")}),
     "--epochs": ("epochs", int, {}),
     "--batch-size": ("batch_size", int, {"metavar": "N"}),
@@ -51,18 +53,48 @@ RECIPE_FLAGS = {
     "--moco-m": ("moco_m", float, {}),
     "--moco-t": ("moco_t", float, {}),
     "--mlp": ("mlp", _bool, {"metavar": "BOOL"}),
-    "--aug": ("aug", str, {"choices": ("moco-v1", "moco-v2", "cifar")}),
+    "--symmetric": ("symmetric", _bool, {"metavar": "BOOL"}),
+    "--aug": ("aug", str, {"choices": tuple(AUGMENTATIONS)}),
     "--image-size": ("image_size", int, {}),
     "--crop-min": ("crop_min", float, {"metavar": "SCALE"}),
     "--bn-groups": ("bn_groups", int, {}),
+    "--optimizer": ("optimizer", str, {"choices": ("sgd", "lars", "adamw")}),
+    "--warmup-epochs": ("warmup_epochs", int, {}),
+    "--moco-m-cos": ("moco_m_cos", _bool, {"metavar": "BOOL"}),
+    "--mlp-dim": ("mlp_dim", int, {}),
+    "--stop-grad-conv1": ("stop_grad_conv1", _bool, {"metavar": "BOOL"}),
+    "--patch-size": ("patch_size", int, {}),
 }
+# what a flag means where the generations differ, ahead of its recipe defaults
+NOTES = {
+    "arch": "v1/v2: a ResNet; v3: a ResNet, vit_small, vit_base or a timm vit_* name (e.g. test_vit); ",
+    "lr": "v1/v2: the lr of --batch-size; v3: the base lr for 256 images, used x batch/256 (main_moco.py); ",
+    "schedule": "v1/v2 (v3: warmup, then a per-iteration half-cosine); ",
+    "moco_k": "v1/v2 queue size (v3 has no queue: 0); ",
+    "moco_m": "v3 with --moco-m-cos: the starting value; ",
+    "mlp": "v1/v2 head; ",
+    "symmetric": "v1/v2: also contrast the swapped views, --moco-k a multiple of 2x batch (v3: always); ",
+    "bn_groups": "v1/v2 Shuffle-BN groups (v3: BN over each process's batch, SyncBN over GPUs); ",
+    "optimizer": "v1/v2: sgd; v3: lars or adamw; ",
+    "warmup_epochs": "v3: linear lr warmup; ",
+    "moco_m_cos": "v3: m rises to 1 along a half-cosine; ",
+    "mlp_dim": "v3: hidden width of projector and predictor; ",
+    "stop_grad_conv1": "v3 ViT: freeze the random patch projection; ",
+    "patch_size": "v3 ViT: patch size, for small images (none: the architecture's own); ",
+}
+EPILOG = """MoCo v3's released ResNet-50 models (main_moco.py --moco-m-cos --crop-min=.2):
+  100 epochs:  --recipe moco-v3
+  300 epochs:  --recipe moco-v3 --epochs 300 --lr 0.3
+  1000 epochs: --recipe moco-v3 --epochs 1000 --lr 0.3 --wd 1.5e-6 --moco-m 0.996
+ViT-Small, 300 epochs: --recipe moco-v3-vit; ViT-Base: --recipe moco-v3-vit --arch vit_base.
+A tiny ViT for a CPU try: --recipe moco-v3-vit --arch test_vit --image-size 32 --patch-size 8."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pre-train MoCo on a folder of images",
-                       description="Pre-train MoCo v1/v2 on any folder of images (class sub-folders optional). "
+                       description="Pre-train MoCo v1/v2/v3 on any folder of images (class sub-folders optional).\n"
                                    "Under torchrun every process runs this command; --batch-size is global.",
-                       formatter_class=_HelpFormatter)
+                       epilog=EPILOG, formatter_class=_HelpFormatter)
     p.add_argument("data", metavar="DATA_DIR", help="folder of images, searched recursively")
     p.add_argument("--recipe", default="moco-v2", choices=tuple(RECIPES), help="the paper setting to start from")
     p.add_argument("--out", default=None, metavar="RUN_DIR",
@@ -96,7 +128,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run_g = p.add_argument_group("run")
     run_g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")
     run_g.add_argument("--resume", default=None, metavar="CHECKPOINT",
-                       help="a mocohub or official MoCo v1/v2 checkpoint; RUN_DIR/checkpoint.pth.tar resumes by itself")
+                       help="a mocohub or official MoCo checkpoint of the recipe's generation (v1/v2 or v3); "
+                            "RUN_DIR/checkpoint.pth.tar resumes by itself")
     run_g.add_argument("--restart", action="store_true",
                        help="start an existing RUN_DIR over; its earlier files are moved to RUN_DIR/previous-<time>/")
     run_g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")

@@ -34,24 +34,27 @@ class LinearProtocol:
     milestones: tuple[int, ...] = ()
     momentum: float = 0.9
     weight_decay: float = 0.0
+    base_lr: float | None = None  # lr per 256 images: then lr follows batch_size (lr = base_lr * batch / 256)
 
 
 PROTOCOLS = {
     # MoCo v1/v2 main_lincls.py
     "v1": LinearProtocol(epochs=100, lr=30.0, batch_size=256, schedule="step", milestones=(60, 80)),
-    # MoCo v3 main_lincls.py for ResNet: lr = 0.1 * batch / 256
-    "v3": LinearProtocol(epochs=90, lr=0.1 * 1024 / 256, batch_size=1024, schedule="cosine"),
+    # MoCo v3 main_lincls.py (lr = base lr * batch / 256): base lr 0.1 for ResNet, 3 for ViT-S/B
+    "v3": LinearProtocol(epochs=90, lr=0.1 * 1024 / 256, batch_size=1024, schedule="cosine", base_lr=0.1),
+    "v3-vit": LinearProtocol(epochs=90, lr=3.0 * 1024 / 256, batch_size=1024, schedule="cosine", base_lr=3.0),
 }
 
 
 def resolve_protocol(name: str = "v1", **overrides: Any) -> LinearProtocol:
-    """A protocol with some settings replaced (None means keep); v3 rescales lr with the batch."""
+    """A protocol with some settings replaced (None means keep); with a ``base_lr`` (v3) the lr
+    follows the batch size unless ``lr`` is given."""
     if name not in PROTOCOLS:
         raise MocohubError(f"unknown linear protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     protocol = dataclasses.replace(PROTOCOLS[name], **overrides)
-    if name == "v3" and "lr" not in overrides:
-        protocol = dataclasses.replace(protocol, lr=0.1 * protocol.batch_size / 256)
+    if protocol.base_lr is not None and "lr" not in overrides:
+        protocol = dataclasses.replace(protocol, lr=protocol.base_lr * protocol.batch_size / 256)
     if protocol.schedule not in ("step", "cosine"):
         raise MocohubError(f"unknown schedule {protocol.schedule!r}; choose step or cosine")
     return protocol

@@ -1,4 +1,4 @@
-"""Training checkpoints: the official layout plus what an exact resume needs, written atomically."""
+"""Training checkpoints: the official layouts (v1/v2, v3) plus what an exact resume needs, written atomically."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import torch
 
 from ..errors import MocohubError
 from ..fileio import atomic_write
-from ..zoo.formats import detect_format, read_checkpoint
+from ..zoo.formats import pretraining_format, read_checkpoint
 from ..zoo.pretrained import RUN_CHECKPOINT
 
 __all__ = ["CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
@@ -23,17 +23,35 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a mocohub or official MoCo v1/v2 pre-training checkpoint, unpickling nothing arbitrary."""
+# generation -> (layout name, its encoder keys, the recipes that train it)
+_GENERATIONS = {
+    "v1/v2": ("moco-v1/v2", "module.encoder_q.*", "--recipe moco-v1, moco-v2 or cifar"),
+    "v3": ("moco-v3", "module.base_encoder.*", "--recipe moco-v3, moco-v3-vit or cifar-v3"),
+}
+
+
+def load_checkpoint(path: str | os.PathLike, generation: str | None = None) -> dict[str, Any]:
+    """Load a mocohub or official MoCo pre-training checkpoint, unpickling nothing arbitrary.
+
+    ``generation`` ("v1/v2" or "v3"): refuse the other generation's checkpoint, naming the recipes
+    that resume it (a v2 file cannot continue a v3 run: different models, no queue).
+    """
     path = Path(path)
     if not path.is_file():
         raise MocohubError(f"checkpoint {path} does not exist")
     state = read_checkpoint(path)
-    if not isinstance(state, dict) or detect_format(state) not in ("moco-v1/v2", "mocohub-checkpoint") \
-            or not isinstance(state.get("state_dict"), dict):
-        raise MocohubError(f"{path} is not a MoCo v1/v2 training checkpoint: expected a 'state_dict' with "
-                           "'module.encoder_q.*' keys (a mocohub run's checkpoint.pth.tar or an official "
-                           "*_pretrain.pth.tar)")
+    found = pretraining_format(state) if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) \
+        else None
+    wanted = [generation] if generation else list(_GENERATIONS)
+    if found is None:
+        keys = " or ".join(f"'{_GENERATIONS[g][1]}'" for g in wanted)
+        raise MocohubError(f"{path} is not a MoCo {' or '.join(wanted)} training checkpoint: expected a 'state_dict' "
+                           f"with {keys} keys (a mocohub run's checkpoint.pth.tar or an official pre-training file)")
+    saved = next(g for g, (name, _, _) in _GENERATIONS.items() if name == found)
+    if saved not in wanted:
+        raise MocohubError(f"{path} is a MoCo {saved} checkpoint ('{_GENERATIONS[saved][1]}' keys) and this is a "
+                           f"MoCo {generation} run: resume it with {_GENERATIONS[saved][2]}, or train this run "
+                           "without --resume (into a fresh --out)")
     return state
 
 

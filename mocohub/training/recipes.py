@@ -27,7 +27,15 @@ class Recipe:
     image_size: int = 224
     crop_min: float | None = None  # RandomResizedCrop's smallest area; None: the augmentation's own
     bn_groups: int = 8             # BN statistics over batch/8 images: the official 8 GPUs x 32
-    moco_version: str = "v1"
+    moco_version: str = "v1"       # "v1"/"v2": queue of negatives (MoCo); "v3": the batch's keys (MoCoV3)
+    symmetric: bool = False        # v1/v2: also contrast the swapped views (K a multiple of 2x batch); v3 always is
+    # MoCo v3 only (v1/v2 keep these defaults)
+    optimizer: str = "sgd"         # v1/v2: sgd; v3: lars (ResNet) or adamw (ViT)
+    warmup_epochs: int = 0         # v3: linear warmup, then a per-iteration half-cosine
+    moco_m_cos: bool = False       # v3: raise m from moco_m to 1 along a half-cosine
+    mlp_dim: int = 4096            # v3: hidden width of the projector and predictor
+    stop_grad_conv1: bool = False  # v3 ViT: freeze the random patch projection
+    patch_size: int | None = None  # v3 ViT: the patch size (None: the architecture's own, 16)
     paper: str = "He et al., Momentum Contrast for Unsupervised Visual Representation Learning, CVPR 2020"
 
     def as_dict(self) -> dict[str, Any]:
@@ -35,11 +43,28 @@ class Recipe:
 
 
 _V1 = Recipe()
+_V3 = replace(_V1, epochs=100, batch_size=4096, lr=0.6, schedule="cos", lr_steps=(), weight_decay=1e-6,
+              moco_dim=256, moco_k=0, moco_m=0.99, moco_t=1.0, mlp=True, aug="moco-v3", crop_min=0.2,
+              moco_version="v3", symmetric=True, optimizer="lars", warmup_epochs=10, moco_m_cos=True,
+              paper="Chen, Xie, He, An Empirical Study of Training Self-Supervised Vision Transformers, ICCV 2021")
 RECIPES: dict[str, Recipe] = {
     "moco-v1": _V1,
     "moco-v2": replace(_V1, schedule="cos", moco_t=0.2, mlp=True, aug="moco-v2", moco_version="v2",
                        paper="Chen et al., Improved Baselines with Momentum Contrastive Learning, 2020"),
     # The official CIFAR-10 demo (colab notebook in facebookresearch/moco).
+    # The released 100-epoch ResNet-50 (main_moco.py --moco-m-cos --crop-min=.2). `lr` is MoCo v3's
+    # *base* lr, for 256 images: the trainer uses lr x batch/256, as main_moco.py. 300 epochs:
+    # --epochs 300 --lr 0.3; 1000 epochs: --epochs 1000 --lr 0.3 --wd 1.5e-6 --moco-m 0.996.
+    "moco-v3": _V3,
+    # ViT-Small, 300 epochs: AdamW, frozen patch projection, T 0.2 (the paper's ViT-S/B recipe).
+    "moco-v3-vit": replace(_V3, arch="vit_small", epochs=300, lr=1.5e-4, weight_decay=0.1, optimizer="adamw",
+                           warmup_epochs=40, moco_t=0.2, crop_min=0.08, stop_grad_conv1=True),
+    # A 32-px MoCo v3 for CPUs and tests; there is no official one. Every MoCo v3 value is the released
+    # ResNet-50's (LARS, base lr 0.6 scaled by batch/256 -> 1.2, wd 1e-6, warmup 10, m 0.99 m-cos, T 1.0,
+    # dim 256, mlp 4096, crop-min 0.2, its two different views); what the small images demand is the
+    # CIFAR demo's: ResNet-18 with the 3x3 stem, 32 px, batch 512, 200 epochs.
+    "cifar-v3": replace(_V3, arch="resnet18", stem="cifar", epochs=200, batch_size=512, image_size=32,
+                        paper="MoCo v3's ResNet recipe at CIFAR scale (mocohub)"),
     "cifar": replace(_V1, arch="resnet18", stem="cifar", batch_size=512, lr=0.06, schedule="cos",
                      weight_decay=5e-4, moco_k=4096, moco_m=0.99, moco_t=0.1, aug="cifar", image_size=32,
                      moco_version="v1", paper="facebookresearch/moco CIFAR-10 demo"),

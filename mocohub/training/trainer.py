@@ -1,4 +1,6 @@
-"""The MoCo v1/v2 training loop: one process or many under torchrun (DDP), resumable to the step."""
+"""The MoCo training loop, v1/v2 and v3 alike: one process or many under torchrun (DDP), resumable to the step.
+
+What differs between the generations (model, optimiser, schedules, the step's call) is in ``algorithms``."""
 from __future__ import annotations
 
 import math
@@ -14,14 +16,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..algorithm import MoCo
 from ..cli.output import duration, pct
-from ..backbones import RESNET_ARCHS, STEMS
+from ..backbones import STEMS
 from ..data.augment import AUGMENTATIONS, two_views
 from ..data.batched import BatchedTwoViews
 from ..data.folder import ImageFolder, collate_images
@@ -31,6 +31,7 @@ from ..plotting import CURVES_NAME
 from ..precision import PRECISION_CHOICES, autocast, resolve_channels_last, resolve_precision
 from ..zoo.pretrained import RUN_EXPORT, build_config, pretrained_cfg_for, write_pretrained
 from ..zoo.transforms import transform_for
+from .algorithms import build_algorithm, check_generation, fit_optimizer_state
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .monitor import sharded_knn
@@ -39,7 +40,6 @@ from .runlog import TENSORBOARD_DIR, RunLog
 from .run_dir import RunLock, fresh_run_dir, prepare_run_dir, set_aside
 from .runtime import Runtime
 from .sampler import ResumableSampler
-from .schedule import make_scheduler
 
 __all__ = ["train", "BACKBONE_DIR", "METRICS_NAME", "STEPS_NAME"]
 
@@ -48,8 +48,6 @@ BACKBONE_DIR = RUN_EXPORT
 
 def _check_config(cfg: TrainConfig, world: int) -> int:
     """Reject impossible settings before anything is written; return the per-rank BN splits."""
-    if cfg.arch not in RESNET_ARCHS:
-        raise MocohubError(f"unknown arch {cfg.arch!r}; valid: {', '.join(RESNET_ARCHS)}")
     if cfg.aug not in AUGMENTATIONS:
         raise MocohubError(f"unknown augmentation {cfg.aug!r}; valid: {', '.join(AUGMENTATIONS)}")
     if cfg.stem not in STEMS:
@@ -61,10 +59,18 @@ def _check_config(cfg: TrainConfig, world: int) -> int:
     if cfg.batch_size % world:
         raise MocohubError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by "
                            f"the {world} processes")
-    if cfg.moco_k % cfg.batch_size:
-        raise MocohubError(f"--moco-k {cfg.moco_k} must be divisible by the global batch size "
-                           f"{cfg.batch_size} (the queue advances a whole batch per step)")
     per_rank = cfg.batch_size // world
+    check_generation(cfg, per_rank)
+    if cfg.moco_version == "v3":  # plain BN per process (SyncBatchNorm under DDP on GPUs): no splits
+        if cfg.bn_splits is not None:
+            raise MocohubError("--bn-splits: MoCo v3 normalises over each process's batch (synchronised over "
+                               "GPUs under DDP), not in splits: drop the flag")
+        return 1
+    enqueued = cfg.batch_size * (2 if cfg.symmetric else 1)  # --symmetric enqueues both views' keys
+    if cfg.moco_k % enqueued:
+        why = "twice the global batch size (--symmetric)" if cfg.symmetric else "the global batch size"
+        raise MocohubError(f"--moco-k {cfg.moco_k} must be divisible by {why} {enqueued} (the queue advances "
+                           "by the keys of a whole step)")
     if cfg.bn_splits is None:  # bn_groups over all processes, of at least 32 images each (8 GPUs x 32)
         target = max(1, cfg.bn_groups // world)
         return max(d for d in range(1, target + 1) if per_rank % d == 0 and (d == 1 or per_rank // d >= 32))
@@ -89,7 +95,7 @@ def _leave_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _moco_state_dict(model: MoCo) -> dict[str, torch.Tensor]:
+def _moco_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {f"module.{k}": v for k, v in model.state_dict().items()}
 
 
@@ -138,18 +144,16 @@ class Trainer:
         self.sampler = ResumableSampler(len(self.dataset), cfg.batch_size, num_replicas=self.rt.world,
                                         rank=self.rt.rank, seed=cfg.seed)
         self.steps_per_epoch = self.sampler.steps
-        self.model = MoCo(cfg.arch, cfg.moco_dim, cfg.moco_k, cfg.moco_m, cfg.moco_t, cfg.mlp,
-                          stem=cfg.stem, bn_splits=self.bn_splits).to(self.rt.device)
+        # SyncBatchNorm (MoCo v3 under DDP, as the official) needs CUDA tensors: on gloo/CPU each
+        # process normalises its own batch with plain BN
+        self.algo = build_algorithm(cfg, steps_per_epoch=self.steps_per_epoch, bn_splits=self.bn_splits,
+                                    device=self.rt.device, sync_bn=self.rt.world > 1 and self.rt.device.type == "cuda")
+        self.model, self.optimizer, self.scheduler = self.algo.model, self.algo.optimizer, self.algo.scheduler
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if cfg.compile:  # in place: the state-dict names stay the official ones
-            self.model.encoder_q.compile()
-            self.model.encoder_k.compile()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
-                                        schedule=cfg.schedule, milestones=cfg.lr_steps,
-                                        per_iteration=cfg.lr_per_iteration)
+            for encoder in self.algo.encoders:
+                encoder.compile()
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.precision == "fp16")
         self.net = self.model
         if self.rt.world > 1:
@@ -201,9 +205,13 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
+        """The official layout of the run's generation (v3 adds ``scaler``), plus mocohub's extras."""
+        official = {"epoch": self.epoch, "arch": self.cfg.arch, "state_dict": _moco_state_dict(self.model),
+                    "optimizer": self.optimizer.state_dict()}
+        if self.algo.v3:
+            official["scaler"] = self.scaler.state_dict()
         return {
-            "epoch": self.epoch, "arch": self.cfg.arch, "state_dict": _moco_state_dict(self.model),
-            "optimizer": self.optimizer.state_dict(),
+            **official,
             "mocohub": {"config": self.cfg.as_dict(), "data": self.data_id, "scaler": self.scaler.state_dict(),
                         "rng": rng_state(), "step_in_epoch": self.step_in_epoch, "world_size": self.rt.world},
         }
@@ -229,7 +237,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         try:
-            state = load_checkpoint(path)
+            state = load_checkpoint(path, generation="v3" if self.algo.v3 else "v1/v2")
         except MocohubError as e:
             hint = "" if self.cfg.resume else (" (pass --restart to start this run folder over; the file is "
                                                 "kept aside, not deleted)")
@@ -241,25 +249,26 @@ class Trainer:
         try:
             self.model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
+            shape = (f"mlp-dim {self.cfg.mlp_dim}" if self.algo.v3 else f"K {self.cfg.moco_k}, mlp {self.cfg.mlp}")
             raise MocohubError(f"{path} does not fit this run ({self.cfg.arch}, dim {self.cfg.moco_dim}, "
-                               f"K {self.cfg.moco_k}, mlp {self.cfg.mlp}): {str(e).splitlines()[0]} ... "
-                               "pass the flags it was trained with") from e
-        self.optimizer.load_state_dict(state["optimizer"])
+                               f"{shape}): {str(e).splitlines()[0]} ... pass the flags it was trained with") from e
+        self.optimizer.load_state_dict(fit_optimizer_state(state["optimizer"], self.model, self.optimizer))
         for group in self.optimizer.param_groups:  # this run's flags, not the file's, drive the update
-            group.update(momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+            group.update(self.algo.hyper)
         self.epoch = int(state["epoch"])
+        scaler = (extra or {}).get("scaler") or state.get("scaler")
+        if self.scaler.is_enabled() and scaler:
+            self.scaler.load_state_dict(scaler)
         if extra:  # a mocohub checkpoint: continue to the step
-            if self.scaler.is_enabled() and extra.get("scaler"):
-                self.scaler.load_state_dict(extra["scaler"])
             set_rng_state(extra["rng"])
             self.step_in_epoch = int(extra["step_in_epoch"])
         done = self.global_step
         # The lr is a function of --lr and the position (as in the official code), so a resumed run
         # may lower --lr; an official checkpoint's epoch is the next one to run.
-        self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+        self.scheduler.base_lrs = [self.algo.peak_lr] * len(self.optimizer.param_groups)
         self.scheduler.last_epoch = done
         for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["lr"] = self.cfg.lr * factor(done)
+            group["lr"] = self.algo.peak_lr * factor(done)
         if self.rt.main:
             self.log.trim(done, self.epoch)
             tqdm.write(f"resumed from {path} at epoch {self.epoch}, step {self.step_in_epoch}")
@@ -276,10 +285,10 @@ class Trainer:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return images.to(self.rt.device, non_blocking=True, memory_format=fmt)
 
-    def _train_step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_step(self, im_q: torch.Tensor, im_k: torch.Tensor, m: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step of either generation; ``m`` is v3's momentum for it (v1/v2: None)."""
         with autocast(self.rt.device, self.precision):
-            logits, labels = self.net(self._to_device(im_q), self._to_device(im_k))
-            loss = F.cross_entropy(logits, labels)
+            loss, logits, labels = self.algo.forward(self.net, self._to_device(im_q), self._to_device(im_k), m)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -307,7 +316,7 @@ class Trainer:
             self.interrupted = self._stop_signal is not None
         return self.interrupted or (self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps)
 
-    def _flush(self, pending: list[tuple[int, float, torch.Tensor, torch.Tensor]]) -> list[list[float]]:
+    def _flush(self, pending: list[tuple[int, dict[str, float], torch.Tensor, torch.Tensor]]) -> list[list[float]]:
         """Move the buffered [loss, accuracy] pairs to the host (the only sync), check, log them."""
         if not pending:
             return []
@@ -319,7 +328,7 @@ class Trainer:
             losses, accs = zip(*values)
             self.log.log_steps({"step": pending[-1][0], "epoch": self.epoch, "steps": len(values),
                                 "loss": statistics.fmean(losses), "acc1": 100 * statistics.fmean(accs),
-                                "lr": pending[-1][1]})
+                                **pending[-1][1]})
         pending.clear()
         return values
 
@@ -336,9 +345,10 @@ class Trainer:
         for batch in loader:
             global_step = self.global_step
             lr = self.optimizer.param_groups[0]["lr"]
+            m = self.algo.momentum(global_step)
             views = self.views.augment(batch.images, self.aug_device) if self.views else batch.images
-            loss, acc = self._train_step(*views)
-            pending.append((global_step, lr, loss, acc))
+            loss, acc = self._train_step(*views, m)
+            pending.append((global_step, {"lr": lr} if m is None else {"lr": lr, "moco_m": m}, loss, acc))
             failed += self._note_failed(batch.failed)
             images += self.per_rank * self.rt.world
             self.step_in_epoch += 1
@@ -385,7 +395,7 @@ class Trainer:
         """Every rank embeds its share (see ``sharded_knn``), so no rank idles in a collective."""
         cfg, bank = self.cfg, self.knn_sets[0]
         batch = max(self.per_rank, 256)
-        return sharded_knn(self.rt, self.model.encoder_q, *self.knn_sets,
+        return sharded_knn(self.rt, self.algo.query_encoder, *self.knn_sets,
                            lambda ds: self._loader(ds, None, batch, drop_last=False), len(bank.classes),
                            dim=cfg.moco_dim, k=cfg.knn_k, t=cfg.knn_t, precision=self.precision,
                            channels_last=self.channels_last)
@@ -395,8 +405,16 @@ class Trainer:
         state = self.model.backbone_state_dict()
         meta = {"moco_version": cfg.moco_version, "recipe": cfg.recipe, "epochs": self.epoch,
                 "source": "mocohub train", "dataset": Path(cfg.data).name, **metrics}
-        config = build_config(cfg.arch, num_features=self.model.encoder_q.num_features, stem=cfg.stem,
-                              pretrained_cfg=self.eval_cfg, meta=meta)
+        if self.algo.v3:  # a timm ViT (MoCo v3's names mapped, img/patch size as trained) or a ResNet
+            built = self.model.backbone_config()
+            pretrained_cfg = self.eval_cfg if self.model.projector_name == "fc" else \
+                dict(self.eval_cfg, first_conv="patch_embed.proj", classifier="head")
+            config = build_config(built["architecture"], num_features=built["num_features"], stem=built["stem"],
+                                  pretrained_cfg=pretrained_cfg, meta=meta)
+            config["model_args"] = built["model_args"]
+        else:
+            config = build_config(cfg.arch, num_features=self.model.encoder_q.num_features, stem=cfg.stem,
+                                  pretrained_cfg=self.eval_cfg, meta=meta)
         return write_pretrained(self.run_dir / BACKBONE_DIR, state, config)
 
     def _epoch_line(self, row: dict[str, Any]) -> str:
@@ -407,13 +425,21 @@ class Trainer:
 
     def _announce(self) -> None:
         cfg = self.cfg
-        head = "MLP" if cfg.mlp else "linear"
         layout = "channels-last" if self.channels_last else "NCHW"
-        tqdm.write(f"MoCo, {cfg.recipe} recipe ({head} head, T {cfg.moco_t}): {cfg.arch} on "
-                   f"{len(self.dataset)} images of {cfg.data}, "
+        if self.algo.v3:
+            m = f"m {cfg.moco_m}{' rising to 1 (m-cos)' if cfg.moco_m_cos else ''}"
+            what = (f"MoCo v3, {cfg.recipe} recipe ({cfg.optimizer}, lr {self.algo.peak_lr:g} after "
+                    f"{cfg.warmup_epochs} warmup epochs, T {cfg.moco_t}, {m})")
+            synced = self.rt.world > 1 and self.rt.device.type == "cuda"
+            tail = f"{'SyncBatchNorm' if synced else 'BN'} over each process's batch"
+        else:
+            head = "MLP" if cfg.mlp else "linear"
+            sym = ", symmetric" if cfg.symmetric else ""
+            what = f"MoCo, {cfg.recipe} recipe ({head} head, T {cfg.moco_t}{sym})"
+            tail = f"K {cfg.moco_k}, BN in {self.bn_splits} group(s) per process"
+        tqdm.write(f"{what}: {cfg.arch} on {len(self.dataset)} images of {cfg.data}, "
                    f"{cfg.image_size} px, batch {cfg.batch_size} over {self.rt.world} process(es) on "
-                   f"{self.rt.device.type}, {self.steps_per_epoch} steps/epoch, K {cfg.moco_k}, "
-                   f"BN in {self.bn_splits} group(s) per process -> {self.run_dir}")
+                   f"{self.rt.device.type}, {self.steps_per_epoch} steps/epoch, {tail} -> {self.run_dir}")
         tqdm.write(f"precision {self.precision} ({self.precision_why}), {layout}")
 
     def fit(self) -> Path:
@@ -466,5 +492,5 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run MoCo pre-training as ``cfg`` says; return the exported backbone folder."""
+    """Run MoCo (v1, v2 or v3) pre-training as ``cfg`` says; return the exported backbone folder."""
     return Trainer(cfg).fit()

@@ -27,7 +27,7 @@ from ..data.augment import AUGMENTATIONS
 from ..errors import MocohubError
 from .pretrained import IMAGENET_PRETRAINED_CFG, build_config, pretrained_cfg_for
 
-__all__ = ["Backbone", "read_checkpoint", "detect_format", "convert", "infer_resnet_arch"]
+__all__ = ["Backbone", "read_checkpoint", "detect_format", "pretraining_format", "convert", "infer_resnet_arch"]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -104,12 +104,17 @@ def _state_dict_of(obj: Mapping[str, Any]) -> StateDict:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+def pretraining_format(obj: Mapping[str, Any]) -> str | None:
+    """``moco-v1/v2`` or ``moco-v3`` for a pre-training checkpoint (official or a mocohub run's), else None."""
+    keys = _state_dict_of(obj)
+    return next((name for prefix, name in _ENCODERS.items() if any(k.startswith(prefix) for k in keys)), None)
+
+
 def detect_format(obj: Mapping[str, Any]) -> str:
     """A short name for the checkpoint layout: moco-v1/v2, moco-v3, mocohub-checkpoint, state-dict."""
-    keys = _state_dict_of(obj)
-    for prefix, name in _ENCODERS.items():
-        if any(k.startswith(prefix) for k in keys):
-            return "mocohub-checkpoint" if isinstance(obj.get("mocohub"), Mapping) else name
+    name = pretraining_format(obj)
+    if name is not None:
+        return "mocohub-checkpoint" if isinstance(obj.get("mocohub"), Mapping) else name
     return "linear-eval" if "best_acc1" in obj else "state-dict"
 
 
