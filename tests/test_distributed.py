@@ -51,7 +51,9 @@ def _emulate() -> dict:
     im_q, im_k = _inputs()
     torch.manual_seed(PERM_SEED)
     perm = torch.randperm(WORLD * PER_RANK)
-    model._momentum_update_key_encoder()
+    with torch.no_grad():  # the momentum update, by hand: m * key + (1 - m) * query
+        for k, q in zip(model.encoder_k.parameters(), model.encoder_q.parameters()):
+            k.mul_(0.9).add_(q, alpha=0.1)
     with torch.no_grad():
         shuffled = torch.cat([model.encoder_k(im_k[perm.view(WORLD, -1)[r]]) for r in range(WORLD)])
         keys = F.normalize(shuffled, dim=1)[torch.argsort(perm)]

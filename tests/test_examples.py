@@ -62,7 +62,7 @@ def test_faster_rcnn(tiny):
     assert set(history[0]) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     assert all(math.isfinite(v) for losses in history for v in losses.values())
     totals = [sum(losses.values()) for losses in history]
-    assert totals[-1] < totals[0], totals  # steps on one batch lower its loss
+    assert totals[-1] < 0.8 * totals[0], totals  # steps on one batch lower its loss clearly (not by noise)
 
 
 def test_custom_training_loop(tiny, tmp_path):
