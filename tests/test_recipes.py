@@ -22,7 +22,27 @@ EXPECTED = {
     "cifar": {**V1, "arch": "resnet18", "stem": "cifar", "batch_size": 512, "lr": 0.06, "schedule": "cos",
               "weight_decay": 5e-4, "moco_k": 4096, "moco_m": 0.99, "moco_t": 0.1, "aug": "cifar",
               "image_size": 32},
+    # MoCo v3 (REFERENCE §1): the released ResNet-50, 100 epochs (--moco-m-cos --crop-min=.2); lr is the base
+    # lr for 256 images; no queue (K 0); the v3-only fields of v1/v2 keep their defaults (below)
+    "moco-v3": {"arch": "resnet50", "stem": "imagenet", "epochs": 100, "batch_size": 4096, "lr": 0.6,
+                "optimizer": "lars", "momentum": 0.9, "weight_decay": 1e-6, "warmup_epochs": 10, "schedule": "cos",
+                "moco_m": 0.99, "moco_m_cos": True, "moco_t": 1.0, "moco_dim": 256, "mlp_dim": 4096, "moco_k": 0,
+                "crop_min": 0.2, "aug": "moco-v3", "image_size": 224, "moco_version": "v3", "symmetric": True,
+                "stop_grad_conv1": False},
+    "moco-v3-vit": {"arch": "vit_small", "epochs": 300, "batch_size": 4096, "lr": 1.5e-4, "optimizer": "adamw",
+                    "weight_decay": 0.1, "warmup_epochs": 40, "moco_m": 0.99, "moco_m_cos": True, "moco_t": 0.2,
+                    "moco_dim": 256, "mlp_dim": 4096, "crop_min": 0.08, "stop_grad_conv1": True, "aug": "moco-v3",
+                    "image_size": 224, "moco_version": "v3"},
+    # no official one: the ResNet-50 recipe's MoCo v3 values, the CIFAR demo's data-size values
+    "cifar-v3": {"arch": "resnet18", "stem": "cifar", "epochs": 200, "batch_size": 512, "lr": 0.6,
+                 "optimizer": "lars", "weight_decay": 1e-6, "warmup_epochs": 10, "moco_m": 0.99, "moco_m_cos": True,
+                 "moco_t": 1.0, "moco_dim": 256, "mlp_dim": 4096, "crop_min": 0.2, "aug": "moco-v3",
+                 "image_size": 32, "moco_version": "v3"},
 }
+V3_ONLY = dict(optimizer="sgd", warmup_epochs=0, moco_m_cos=False, stop_grad_conv1=False, patch_size=None,
+               symmetric=False)
+for _name in ("moco-v1", "moco-v2", "cifar"):
+    EXPECTED[_name] = {**EXPECTED[_name], **V3_ONLY}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -83,6 +103,36 @@ def _describe_expected(step):
             return tuple(fix(x) for x in v)
         return round(v, 6) if isinstance(v, float) else v
     return fix(step)
+
+
+def test_released_v3_resnet_variants_are_reachable_by_flags():
+    """300 epochs: lr .3; 1000 epochs: lr .3, wd 1.5e-6, m .996 (REFERENCE §1, the zoo's recipes)."""
+    from mocohub.zoo.registry import get_model
+    v300 = TrainConfig.from_recipe("moco-v3", epochs=300, lr=0.3)
+    v1000 = TrainConfig.from_recipe("moco-v3", epochs=1000, lr=0.3, weight_decay=1.5e-6, moco_m=0.996)
+    for cfg, name in ((TrainConfig.from_recipe("moco-v3"), "moco-v3-r50-100ep"), (v300, "moco-v3-r50-300ep"),
+                      (v1000, "moco-v3-r50-1000ep")):
+        recipe = get_model(name).recipe
+        g = lambda v: f"{v:g}".replace("e-0", "e-")  # noqa: E731  (the zoo writes 1e-6)
+        assert f"lr {g(cfg.lr)} wd {g(cfg.weight_decay)}" in recipe and f"m-cos {g(cfg.moco_m)}" in recipe
+        assert f"batch {cfg.batch_size}" in recipe and f"crop-min {g(cfg.crop_min)}" in recipe
+
+
+def test_v3_warmup_cosine_schedule_per_iteration():
+    """main_moco.py: lr = base x batch/256 x (epoch/warmup, then half-cosine), epoch = e + i/iters."""
+    from mocohub.training.algorithms import build_algorithm
+    cfg = TrainConfig.from_recipe("moco-v3", batch_size=512, mlp_dim=16)  # peak 0.6 x 2 = 1.2
+    algo = build_algorithm(cfg, steps_per_epoch=10, bn_splits=1, device=torch.device("cpu"), sync_bn=False)
+    lrs = []
+    for step in range(1001):
+        lrs.append(algo.optimizer.param_groups[0]["lr"])
+        algo.optimizer.step()
+        algo.scheduler.step()
+    cos = lambda epoch: 1.2 * 0.5 * (1 + math.cos(math.pi * (epoch - 10) / 90))  # noqa: E731
+    assert [lrs[s] for s in (0, 5, 50, 99, 100, 101, 550, 1000)] == pytest.approx(
+        [0.0, 0.06, 0.6, 1.2 * 9.9 / 10, 1.2, cos(10.1), 0.6, 0.0], abs=1e-12)
+    assert algo.momentum(0) == 0.99 and algo.momentum(500) == pytest.approx(0.995)
+    assert algo.momentum(1000) == pytest.approx(1.0)
 
 
 def _lrs(name: str, steps: list[int], *, per_iteration: bool, steps_per_epoch: int = 10) -> list[float]:

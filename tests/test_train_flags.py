@@ -41,6 +41,13 @@ FLAGS = [
     (["--image-size", "64"], {"image_size": 64}),
     (["--crop-min", "0.5"], {"crop_min": 0.5}),
     (["--bn-groups", "4"], {"bn_groups": 4}),
+    (["--symmetric", "true"], {"symmetric": True}),
+    (["--optimizer", "lars"], {"optimizer": "lars"}),
+    (["--warmup-epochs", "3"], {"warmup_epochs": 3}),
+    (["--moco-m-cos", "true"], {"moco_m_cos": True}),
+    (["--mlp-dim", "512"], {"mlp_dim": 512}),
+    (["--stop-grad-conv1", "true"], {"stop_grad_conv1": True}),
+    (["--patch-size", "8"], {"patch_size": 8}),
     (["--bn-splits", "2"], {"bn_splits": 2}),
     (["--lr-per-iteration"], {"lr_per_iteration": True}),
     (["--precision", "fp32"], {"precision": "fp32"}),
@@ -85,6 +92,16 @@ def test_recipe_flag_then_overrides():
     cfg = _config(["--recipe", "moco-v1", "--mlp", "true", "--moco-t", "0.2", "--schedule", "cos"])
     assert (cfg.recipe, cfg.mlp, cfg.moco_t, cfg.schedule, cfg.aug, cfg.lr_steps, cfg.moco_k) == \
         ("moco-v1", True, 0.2, "cos", "moco-v1", (120, 160), 65536)
+
+
+def test_v3_recipe_flags_and_help():
+    cfg = _config(["--recipe", "moco-v3", "--epochs", "1000", "--lr", "0.3", "--wd", "1.5e-6", "--moco-m", "0.996"])
+    assert (cfg.moco_version, cfg.optimizer, cfg.moco_m_cos, cfg.crop_min, cfg.epochs, cfg.lr, cfg.moco_m) == \
+        ("v3", "lars", True, 0.2, 1000, 0.3, 0.996)
+    sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    text = sub.choices["train"].format_help()
+    assert "1000 epochs: --recipe moco-v3 --epochs 1000 --lr 0.3 --wd 1.5e-6 --moco-m 0.996" in text
+    assert "v3: the base lr for 256 images" in " ".join(text.split())
 
 
 # (global batch, processes, --bn-groups) -> BN splits per process: bn_groups over all processes,
