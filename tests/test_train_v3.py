@@ -100,9 +100,10 @@ def test_exported_vit_loads_in_mocohub_and_timm_with_the_trained_weights(runs):
     assert set(ours.state_dict()) == set(trained)
     for key, value in theirs.state_dict().items():
         assert torch.equal(value, trained[key]), key
+    from_checkpoint = mocohub.from_pretrained(str(runs["vit"][0] / "checkpoint.pth.tar"))  # a run stopped unexported
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert ours(x).shape == (2, 64) and torch.equal(ours(x), theirs(x))
+        assert ours(x).shape == (2, 64) and torch.equal(ours(x), theirs(x)) and torch.equal(ours(x), from_checkpoint(x))
 
 
 def test_exported_resnet_is_the_base_encoder_minus_its_projector(runs):

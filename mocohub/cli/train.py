@@ -107,7 +107,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="BN sub-batches per process (Shuffle BN on one device); default: bn-groups / processes, "
                          "fewer if groups would drop below 32 images")
     hp.add_argument("--lr-per-iteration", action="store_true",
-                    help="update the schedule every step instead of every epoch (the official code)")
+                    help="v1/v2: update the schedule every step instead of every epoch (v3 always does, as its "
+                         "official code)")
     hw = p.add_argument_group("hardware")
     hw.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                     help="autocast precision; auto: bf16 where the hardware computes it natively "

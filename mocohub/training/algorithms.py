@@ -36,9 +36,9 @@ def is_vit(arch: str) -> bool:
     return arch in MOCO_V3_VITS or re.match(r"(test_)?vit", arch) is not None
 
 
-def vit_args(cfg: Recipe) -> dict[str, Any]:
+def vit_args(image_size: int, patch_size: int | None) -> dict[str, Any]:
     """timm arguments of a ViT trained at ``image_size`` (its position embedding follows the grid)."""
-    return {"img_size": cfg.image_size, **({"patch_size": cfg.patch_size} if cfg.patch_size else {})}
+    return {"img_size": image_size, **({"patch_size": patch_size} if patch_size else {})}
 
 
 def _patch_size(cfg: Recipe) -> int:
@@ -153,7 +153,7 @@ def build_algorithm(cfg: Any, *, steps_per_epoch: int, bn_splits: int, device: t
     """The model (on ``device``; SyncBatchNorm when ``sync_bn`` and the generation wants it), its
     optimiser and lr schedule, from a checked config (``check_generation``)."""
     if cfg.moco_version == "v3":
-        args = vit_args(cfg) if is_vit(cfg.arch) else {}
+        args = vit_args(cfg.image_size, cfg.patch_size) if is_vit(cfg.arch) else {}
         model: MoCo | MoCoV3 = MoCoV3(cfg.arch, cfg.moco_dim, cfg.mlp_dim, cfg.moco_t, stem=cfg.stem,
                                       stop_grad_conv1=cfg.stop_grad_conv1, **args)
     else:

@@ -132,10 +132,10 @@ class Trainer:
         if self.rt.device.type == "cpu" and self.per_rank * cfg.image_size ** 2 > 64 * 224 ** 2:
             warnings.warn(f"training on the CPU with {self.per_rank} images of {cfg.image_size} px per step needs "
                           "tens of GB of memory and hours per epoch; for a first CPU run use --recipe cifar "
-                          "or a smaller --batch-size (and --moco-k a multiple of it)", stacklevel=3)
+                          "or cifar-v3, or a smaller --batch-size (v1/v2: and --moco-k a multiple of it)", stacklevel=3)
         if len(self.dataset) < cfg.batch_size:
             raise MocohubError(f"{cfg.data} has {len(self.dataset)} images, fewer than one batch of "
-                               f"{cfg.batch_size}: lower --batch-size (and --moco-k to a multiple of it)")
+                               f"{cfg.batch_size}: lower --batch-size (v1/v2: and --moco-k to a multiple of it)")
         if self.rt.main:  # nothing is written before every check above has passed
             prepare_run_dir(self.run_dir)
             self.lock = RunLock(self.run_dir)

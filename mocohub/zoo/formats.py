@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..backbones import RESNET_ARCHS
+from ..backbones import RESNET_ARCHS, vit_architecture
 from ..data.augment import AUGMENTATIONS
 from ..errors import MocohubError
 from .pretrained import IMAGENET_PRETRAINED_CFG, build_config, pretrained_cfg_for
@@ -177,7 +177,12 @@ def convert(obj: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) ->
     elif "cls_token" in sd and "blocks.0.attn.qkv.weight" in sd:
         # MoCo v3 names its ViTs "vit_small"/"vit_base", in its linear-eval checkpoints too
         moco_v3 = prefix == "base_encoder." or obj.get("arch") in ("vit_small", "vit_base")
-        arch, model_args = _infer_vit_arch(sd, moco_v3)
+        if moco_v3 and run_config.get("moco_version") == "v3":  # a mocohub run: its ViT at its training grid
+            from ..training.algorithms import vit_args  # (training imports zoo: import here, not at the top)
+            arch, model_args = vit_architecture(run_config["arch"], **vit_args(int(run_config["image_size"]),
+                                                                               run_config.get("patch_size")))
+        else:
+            arch, model_args = _infer_vit_arch(sd, moco_v3)
         classifier, stem = "head", "imagenet"
         pcfg = dict(IMAGENET_PRETRAINED_CFG, first_conv="patch_embed.proj", classifier="head")
     else:
