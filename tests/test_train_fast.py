@@ -102,3 +102,12 @@ def test_split_batchnorm_keeps_channels_last():
     assert out_cl.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out_cl, SplitBatchNorm(4, num_splits=2).train()(x))
     assert bn(x).is_contiguous()
+
+
+def test_split_batchnorm_counts_batches_like_batchnorm():
+    from mocohub.algorithm.split_bn import SplitBatchNorm
+    split, plain = SplitBatchNorm(4, num_splits=2).train(), torch.nn.BatchNorm2d(4).train()
+    for _ in range(3):
+        x = torch.randn(8, 4, 3, 3)
+        split(x), plain(x)
+    assert int(split.num_batches_tracked) == int(plain.num_batches_tracked) == 3

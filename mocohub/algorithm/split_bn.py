@@ -32,6 +32,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if x.is_contiguous(memory_format=torch.channels_last):  # the regrouping copied to NCHW: go back,
             out = out.contiguous(memory_format=torch.channels_last)  # or every later conv converts again
         with torch.no_grad():
+            self.num_batches_tracked.add_(1)  # as BatchNorm2d counts, so the state dicts agree
             self.running_mean.copy_(mean.view(s, c).mean(0))
             self.running_var.copy_(var.view(s, c).mean(0))
         return out
