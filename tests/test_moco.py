@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from mocohub import MoCo
 from mocohub.algorithm import SplitBatchNorm, momentum_update_
 from reference_moco import ReferenceMoCo
+from step_equality import step_both_and_compare
 
 
 def _strip(sd, prefix="module."):
@@ -50,15 +51,7 @@ def test_matches_official_forward_backward_update_and_queue(mlp):
         torch.testing.assert_close(logits_o, logits_r, rtol=1e-9, atol=1e-9)
         assert torch.equal(labels_o, labels_r)
         torch.testing.assert_close(loss_o, loss_r)
-        for opt, loss in ((opt_ref, loss_r), (opt_ours, loss_o)):
-            opt.zero_grad()
-            loss.backward()
-        for (name, p_r), p_o in zip(ref.encoder_q.named_parameters(), ours.encoder_q.parameters()):
-            torch.testing.assert_close(p_o.grad, p_r.grad, rtol=1e-7, atol=1e-9, msg=name)
-        opt_ref.step()
-        opt_ours.step()
-        for key, value in ref.state_dict().items():
-            torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-9, atol=1e-9, msg=key)
+        step_both_and_compare(ref, ours, opt_ref, opt_ours, loss_r, loss_o)
     assert int(ours.queue_ptr) == 4
 
 

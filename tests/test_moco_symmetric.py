@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from mocohub import MoCo
 from reference_moco import ReferenceMoCo
 from test_moco import _Linear
+from step_equality import step_both_and_compare
 
 
 class ReferenceSymmetricMoCo(ReferenceMoCo):
@@ -52,15 +53,7 @@ def test_matches_the_official_demo():
         loss_o, logits, labels = ours(im1, im2, return_loss=True)
         torch.testing.assert_close(loss_o, loss_r, rtol=1e-10, atol=1e-10)
         assert logits.shape == (4, 9) and not labels.any()
-        for opt, loss in ((opt_ref, loss_r), (opt_ours, loss_o)):
-            opt.zero_grad()
-            loss.backward()
-        for (name, p_r), p_o in zip(ref.encoder_q.named_parameters(), ours.encoder_q.parameters()):
-            torch.testing.assert_close(p_o.grad, p_r.grad, rtol=1e-7, atol=1e-9, msg=name)
-        opt_ref.step()
-        opt_ours.step()
-        for key, value in ref.state_dict().items():  # encoders, queue and pointer
-            torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-9, atol=1e-9, msg=key)
+        step_both_and_compare(ref, ours, opt_ref, opt_ours, loss_r, loss_o)
     assert int(ours.queue_ptr) == 4
 
 

@@ -9,16 +9,13 @@ from mocohub.cli.main import build_parser
 from mocohub.data.synthetic import make_dataset
 from mocohub.errors import MocohubError
 from mocohub.training import TrainConfig
+from mocohub.cli.train import config_from_args
 from mocohub.training.trainer import Trainer, _check_config
 
 
 def _config(argv: list[str]) -> TrainConfig:
-    """The TrainConfig `mocohub train DATA argv` runs with, built as mocohub.cli.train.run builds it."""
-    args = build_parser().parse_args(["train", "DATA", *argv])
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    if options.get("lr_steps") is not None:
-        options["lr_steps"] = tuple(options["lr_steps"])
-    return TrainConfig.from_recipe(options.pop("recipe"), **options)
+    """The TrainConfig `mocohub train DATA argv` runs with."""
+    return config_from_args(build_parser().parse_args(["train", "DATA", *argv]))
 
 
 # flag and its arguments -> the fields it must set (on top of the moco-v2 recipe), and nothing else

@@ -10,7 +10,7 @@ from ..training.config import TrainConfig
 from ..training.recipes import RECIPES
 from ..training.trainer import train
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "config_from_args", "run"]
 
 
 def _recipe_default(field: str) -> str:
@@ -145,11 +145,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's settings: the recipe's values, overridden by every flag given."""
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     if options.get("lr_steps") is not None:
         options["lr_steps"] = tuple(options["lr_steps"])
-    cfg = TrainConfig.from_recipe(options.pop("recipe"), **options)
-    out = train(cfg)
+    return TrainConfig.from_recipe(options.pop("recipe"), **options)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = train(config_from_args(args))
     print(f"backbone saved to {out}; load it with mocohub.from_pretrained({str(out)!r})")
     return 0
