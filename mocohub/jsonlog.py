@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .fileio import atomic_write
+from .fileio import atomic_write, disk_full, disk_full_error
 
 __all__ = ["STEPS_NAME", "METRICS_NAME", "read_jsonl", "append_jsonl", "trim_jsonl"]
 
@@ -37,15 +37,23 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def append_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
     """Append one line per row. A torn last line (no newline) is closed first, so the new rows
-    never merge into it."""
+    never merge into it. On a full disk the file is cut back to its old end (no torn row is left)
+    and ``disk_full_error`` is raised."""
     path = Path(path)
+    size = path.stat().st_size if path.exists() else 0
     torn = False
-    if path.exists() and path.stat().st_size:
+    if size:
         with open(path, "rb") as f:
             f.seek(-1, os.SEEK_END)
             torn = f.read(1) != b"\n"
-    with open(path, "a") as f:
-        f.write("\n" * torn + "".join(json.dumps(dict(r)) + "\n" for r in rows))
+    try:
+        with open(path, "a") as f:
+            f.write("\n" * torn + "".join(json.dumps(dict(r)) + "\n" for r in rows))
+    except OSError as e:
+        if not disk_full(e, path.parent):
+            raise
+        os.truncate(path, size)
+        raise disk_full_error(path, f"{path} keeps its earlier rows, none half-written") from e
 
 
 def trim_jsonl(path: str | os.PathLike, keep: Callable[[dict[str, Any]], bool]) -> None:

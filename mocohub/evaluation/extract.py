@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..data.folder import ImageFolder, collate_images
 from ..errors import MocohubError
-from ..fileio import atomic_write
+from ..fileio import DiskFullError, atomic_write, disk_full_error
 from ..zoo.transforms import transform_for
 from .embeddings import iter_embeddings
 
@@ -107,20 +107,24 @@ def extract_embeddings(model: nn.Module, image_dir: str | os.PathLike, out: str 
     shards = [partial / f"shard-{i:06d}.safetensors" for i in range(-(-len(paths) // shard_size))]
     done = sum(min(shard_size, len(paths) - i * shard_size) for i, s in enumerate(shards) if s.exists())
     bar = tqdm(total=len(paths), initial=done, disable=not progress, desc="extract", unit="img")
-    for i, shard in enumerate(shards):
-        if shard.exists():
-            continue
-        subset = Subset(data, range(i * shard_size, min((i + 1) * shard_size, len(paths))))
-        loader = DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_images)
-        parts, failed = [], []
-        for part in iter_embeddings(model, loader, device=device, precision=precision,
-                                    channels_last=channels_last, normalize=normalize):
-            parts.append(part)
-            failed.extend(Path(p).relative_to(data.root).as_posix() for p in part.failed)
-            bar.update(len(part.indices) + len(part.failed))
-        _write_shard(shard, parts, failed)
-    bar.close()
-    _assemble(shards, out, paths, data.classes, state)
+    try:
+        for i, shard in enumerate(shards):
+            if shard.exists():
+                continue
+            subset = Subset(data, range(i * shard_size, min((i + 1) * shard_size, len(paths))))
+            loader = DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_images)
+            parts, failed = [], []
+            for part in iter_embeddings(model, loader, device=device, precision=precision,
+                                        channels_last=channels_last, normalize=normalize):
+                parts.append(part)
+                failed.extend(Path(p).relative_to(data.root).as_posix() for p in part.failed)
+                bar.update(len(part.indices) + len(part.failed))
+            _write_shard(shard, parts, failed)
+        bar.close()
+        _assemble(shards, out, paths, data.classes, state)
+    except DiskFullError as e:  # the finished shards stay, and only --resume continues from them
+        raise disk_full_error(e.path, f"the finished shards are kept in {partial}",
+                              rerun="the same command with --resume") from e
     shutil.rmtree(partial)
     return out
 

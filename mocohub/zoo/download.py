@@ -154,7 +154,11 @@ def cached_backbone(checkpoint: Path, meta: Mapping[str, Any] | None = None) -> 
         return Backbone(state_dict, config, "mocohub-export")
     backbone = convert(read_checkpoint(checkpoint), meta=meta)
     staging = Path(tempfile.mkdtemp(dir=checkpoint.parent, prefix=f".{folder.name}."))
-    write_pretrained(staging, backbone.state_dict, backbone.config)
+    try:
+        write_pretrained(staging, backbone.state_dict, backbone.config)
+    except BaseException:  # e.g. a full disk: no half-converted folder is left in the cache
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         os.rename(staging, folder)  # atomic: readers see the whole folder or none of it
     except OSError:  # another process renamed an equivalent folder first
