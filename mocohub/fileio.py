@@ -22,11 +22,13 @@ def _umask() -> int:
 
 
 def disk_full(exc: BaseException, directory: str | os.PathLike) -> bool:
-    """Whether ``exc`` came from a full disk. torch.save's C++ writer loses the errno (it raises
-    "unexpected pos"), so a failed write on a (nearly) full ``directory`` counts too."""
+    """Whether ``exc`` came from a full disk. safetensors' Rust writer keeps only the message
+    ("No space left on device (os error 28)"); torch.save's C++ writer not even that ("unexpected
+    pos"), so a failed write on a (nearly) full ``directory`` counts too."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT) or \
+                os.strerror(errno.ENOSPC) in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
     if isinstance(exc, MocohubError) or not isinstance(exc, Exception):

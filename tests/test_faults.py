@@ -197,7 +197,12 @@ def test_full_disk_during_a_download_keeps_the_cache_and_the_retry_succeeds(tmp_
         assert download(f"{server.url}/a.pth.tar", progress=False) == a  # still a verified entry
         disk.resize(2 * size + 8 * MiB)
         b = download(f"{server.url}/b.pth.tar", progress=False)
-    assert b == cache_file(f"{server.url}/b.pth.tar") and b.read_bytes() == (site / "b.pth.tar").read_bytes()
+        assert b == cache_file(f"{server.url}/b.pth.tar") and b.read_bytes() == (site / "b.pth.tar").read_bytes()
+        with pytest.raises(MocohubError, match="no space left on the disk"):  # converting it to safetensors
+            mocohub.from_pretrained(f"{server.url}/a.pth.tar", progress=False)
+        assert _leftovers(disk.path) == []  # no half-converted staging folder
+        disk.resize(3 * size)
+        assert mocohub.from_pretrained(f"{server.url}/a.pth.tar", progress=False).num_features == 512
 
 
 # -- images vanishing under a running trainer ----------------------------------------------------
