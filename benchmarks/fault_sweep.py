@@ -32,6 +32,7 @@ TINY = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-
 # one thread per run: on shared cores two OpenMP threads spin against other processes (4 s a step, not 0.2)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 KINDS = ("write", "knn", "time")  # during a checkpoint write, while the epoch's kNN row is pending, at a time
+STEPS_PER_EPOCH = 2  # make_data's default: 20 images in steps of 8
 
 
 @dataclass
@@ -70,9 +71,14 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def _metrics_rows(run: Path) -> int:
-    path = run / "metrics.jsonl"
+def _line_count(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _knn_pending(run: Path) -> bool:
+    """An epoch's last step is logged but its metrics row (kNN monitor first) is not yet."""
+    steps = _line_count(run / "steps.jsonl")
+    return steps > 0 and steps % STEPS_PER_EPOCH == 0 and _line_count(run / "metrics.jsonl") < steps // STEPS_PER_EPOCH
 
 
 def _attempt(cmd: list[str], run: Path, fault: Fault | None, snaps: Path, out: Outcome, timeout: float) -> int | None:
@@ -98,8 +104,8 @@ def _attempt(cmd: list[str], run: Path, fault: Fault | None, snaps: Path, out: O
                     os.link(ckpt, snaps / f"{len(list(snaps.iterdir())):03d}.pth.tar")
                 except FileNotFoundError:  # replaced between stat and link: the next poll links its successor
                     pass
-                if fault and fault.kind == "knn":
-                    fire = "kNN / metrics row pending"
+            if fault and fault.kind == "knn" and _knn_pending(run):
+                fire = "kNN / metrics row pending"
             if fault and fault.kind == "write" and any(run.glob(f".{CHECKPOINT}.*.tmp")):
                 fire = "checkpoint write"
             if fault and fault.kind == "time" and time.monotonic() - start >= fault.seconds:
@@ -107,9 +113,8 @@ def _attempt(cmd: list[str], run: Path, fault: Fault | None, snaps: Path, out: O
             if fire:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=30)
-                if fault.kind == "knn" and ckpt.exists():  # did it die between the checkpoint and the row?
-                    epoch = load_checkpoint(ckpt)["epoch"]
-                    fire += " (hit)" if _metrics_rows(run) < epoch else " (missed)"
+                if fault.kind == "knn":  # did it die with the row still pending?
+                    fire += " (hit)" if _knn_pending(run) else " (missed)"
                 out.kills.append(fire)
                 return None
             time.sleep(0.001)

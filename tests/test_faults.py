@@ -119,8 +119,6 @@ def test_sigkill_mid_checkpoint_mid_knn_and_at_random_resumes_to_the_same_weight
     assert [line for line in lost if line.startswith("steps")] == []
 
 
-@pytest.mark.xfail(strict=True, reason="trainer.fit saves the epoch's checkpoint before the kNN monitor and the "
-                   "metrics row: a kill in between resumes past the epoch and its row is never written")
 def test_sigkill_during_knn_loses_no_metrics_row(data, reference, tmp_path):
     run = tmp_path / "run"
     out = killed_run(train_command(*data, run, 2), run, [Fault("knn")], tmp_path / "seen", timeout=120)

@@ -457,13 +457,15 @@ class Trainer:
                     self._save()
                     break
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                self._save()
                 if cfg.val and (self.epoch % cfg.knn_every == 0 or self.epoch == cfg.epochs):
                     metrics = self._knn()
                     row.update(metrics)
                 if self.rt.main:
                     self.log.log_epoch(row)
                     tqdm.write(self._epoch_line(row))
+                # The row first, then the checkpoint: a kill between them resumes from the previous
+                # checkpoint, which trims the row and writes it again; the other order lost it.
+                self._save()
             self.rt.barrier()  # rank 0's checkpoint is on disk before any process leaves
             if self.interrupted:
                 raise KeyboardInterrupt
