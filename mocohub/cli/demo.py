@@ -72,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     start = time.perf_counter()
-    precision, why = resolve_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    precision, _ = resolve_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
     epochs = args.epochs or (EPOCHS_NATIVE_BF16 if precision == "bf16" else EPOCHS_FP32)
     train_dir, val_dir = make_dataset(out / "data", train_per_class=args.images_per_class,
                                       val_per_class=max(10, args.images_per_class // 4))
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     # batch 64, lr 0.03, and a queue (256) smaller than the dataset so no image is its own negative.
     cfg = TrainConfig.from_recipe("cifar", data=str(train_dir), out=str(out / "run"), epochs=epochs,
                                   batch_size=64, lr=0.03, moco_k=256, mlp=True, moco_t=0.2, image_size=SIZE,
-                                  precision=precision, workers=args.workers, restart=True,
+                                  precision=args.precision, workers=args.workers, restart=True,
                                   val=str(val_dir), knn_every=max(1, epochs // 3))
     exported = train(cfg)
     model = from_pretrained(str(exported))
