@@ -181,7 +181,8 @@ class Trainer:
                                "or auto")
         if impl != "batched":
             raise MocohubError("--aug-device applies to the batched augmentation: add --aug-impl batched")
-        return impl, device if cfg.aug_device == "cuda" else torch.device(cfg.aug_device)
+        same_gpu = cfg.aug_device == "cuda" and device.type == "cuda"  # no index: this process's own GPU
+        return impl, device if same_gpu else torch.device(cfg.aug_device)
 
     def _resume_path(self) -> Path | None:
         """``--resume FILE``; else the run folder's own checkpoint, unless ``--restart`` sets it aside."""
