@@ -111,3 +111,22 @@ def test_split_batchnorm_counts_batches_like_batchnorm():
         x = torch.randn(8, 4, 3, 3)
         split(x), plain(x)
     assert int(split.num_batches_tracked) == int(plain.num_batches_tracked) == 3
+
+
+def test_train_json_prints_one_object_on_stdout(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(data), *TINY, "--epochs", "1", "--precision", "fp32", "--out", str(run), "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)  # stdout is exactly one object: the run's own lines went to stderr
+    assert result["backbone"] == str(run / "backbone") and result["epochs"] == 1
+    assert result["last_epoch"]["epoch"] == 0 and "epoch 1/1" in err and "precision fp32" in err
+
+
+def test_demo_json_prints_one_object_on_stdout(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--images-per-class", "7",
+                 "--workers", "0", "--precision", "fp32", "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["epochs"] == 1 and result["embedding_shape"] == [4, 512]
+    assert result["gain"] == pytest.approx(result["trained_top1"] - result["random_init_top1"], abs=1e-4)
+    assert "random init" not in out and "generated 10 classes" in err

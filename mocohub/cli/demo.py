@@ -6,6 +6,8 @@ to a randomly initialised one, then load the export back with ``mocohub.from_pre
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from ..data.folder import ImageFolder, collate_images
 from ..data.synthetic import make_dataset
 from ..evaluation.knn import knn_evaluate
 from ..precision import PRECISION_CHOICES, resolve_precision
+from .output import add_json_flag, emit
 from ..training.config import TrainConfig
 from ..training.trainer import train
 from ..zoo import from_pretrained, transform_for
@@ -66,10 +69,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="auto: bf16 where the hardware has it natively, else fp32")
     p.add_argument("--workers", type=int, default=2)
+    add_json_flag(p, "random_init_top1, trained_top1, gain, epochs, seconds, backbone, embedding_shape")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    # under --json the demo's own lines go to stderr, so stdout is the one result object
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result, human = _demo(args)
+    emit(result, human, args.json)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> tuple[dict, str]:
     out = Path(args.out)
     start = time.perf_counter()
     precision, _ = resolve_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
@@ -93,9 +105,13 @@ def run(args: argparse.Namespace) -> int:
     trained = _knn_top1(model, train_dir, val_dir)
     with torch.no_grad():
         embedding = model(torch.randn(4, 3, SIZE, SIZE))
-    print(f"\nkNN top-1 on {val_dir} (k=200, t=0.1, backbone features):")
-    print(f"  random init          {baseline:5.1f}%   (BN statistics of the training images)")
-    print(f"  MoCo, {epochs:3d} epochs     {trained:5.1f}%   ({trained - baseline:+.1f} points)")
-    print(f"mocohub.from_pretrained({str(exported)!r}) -> embeddings of shape {tuple(embedding.shape)}")
-    print(f"done in {time.perf_counter() - start:.0f} s; metrics in {out / 'run' / 'metrics.jsonl'}")
-    return 0
+    seconds = time.perf_counter() - start
+    human = "\n".join([
+        f"\nkNN top-1 on {val_dir} (k=200, t=0.1, backbone features):",
+        f"  random init          {baseline:5.1f}%   (BN statistics of the training images)",
+        f"  MoCo, {epochs:3d} epochs     {trained:5.1f}%   ({trained - baseline:+.1f} points)",
+        f"mocohub.from_pretrained({str(exported)!r}) -> embeddings of shape {tuple(embedding.shape)}",
+        f"done in {seconds:.0f} s; metrics in {out / 'run' / 'metrics.jsonl'}"])
+    result = {"random_init_top1": baseline, "trained_top1": trained, "gain": trained - baseline, "epochs": epochs,
+              "seconds": seconds, "backbone": str(exported), "embedding_shape": list(embedding.shape)}
+    return result, human

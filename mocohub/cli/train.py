@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 
 from ..data.augment import AUGMENTATIONS
 from ..data.folder import DEFAULT_WORKERS
+from ..jsonlog import METRICS_NAME, read_jsonl
 from ..precision import PRECISION_CHOICES
+from .output import add_json_flag, emit
 from ..training.config import TrainConfig
 from ..training.recipes import RECIPES
 from ..training.trainer import train
@@ -142,6 +146,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run_g.add_argument("--tensorboard", action="store_true",
                        help="also write the logged scalars to RUN_DIR/tensorboard (pip install 'mocohub[tensorboard]')")
     run_g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_json_flag(p, "backbone, run_dir, epochs, last_epoch (the last metrics.jsonl row)")
     p.set_defaults(func=run)
 
 
@@ -154,6 +159,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = train(config_from_args(args))
-    print(f"backbone saved to {out}; load it with mocohub.from_pretrained({str(out)!r})")
+    # under --json the run's own lines go to stderr, so stdout is the one result object
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        out = train(config_from_args(args))
+    metrics = read_jsonl(out.parent / METRICS_NAME)
+    emit({"backbone": str(out), "run_dir": str(out.parent), "epochs": len(metrics),
+          "last_epoch": metrics[-1] if metrics else None},
+         f"backbone saved to {out}; load it with mocohub.from_pretrained({str(out)!r})", args.json)
     return 0
