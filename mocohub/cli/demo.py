@@ -34,14 +34,14 @@ SIZE = 16  # training and evaluation crops: small enough for a few CPU minutes
 EPOCHS_NATIVE_BF16, EPOCHS_FP32 = 16, 5
 
 
-def _loaders(model: torch.nn.Module, train_dir: Path, val_dir: Path) -> list[DataLoader]:
-    transform = transform_for(model)
-    return [DataLoader(ImageFolder(d, transform, on_error="skip"), batch_size=256, collate_fn=collate_images)
-            for d in (train_dir, val_dir)]
+def _loader(model: torch.nn.Module, folder: Path) -> DataLoader:
+    """The folder's images, preprocessed as ``model`` expects for evaluation."""
+    return DataLoader(ImageFolder(folder, transform_for(model), on_error="skip"), batch_size=256,
+                      collate_fn=collate_images)
 
 
 def _knn_top1(model: torch.nn.Module, train_dir: Path, val_dir: Path) -> float:
-    return knn_evaluate(model, *_loaders(model, train_dir, val_dir))["top1"]
+    return knn_evaluate(model, _loader(model, train_dir), _loader(model, val_dir))["top1"]
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def _fit_batchnorm(model: torch.nn.Module, train_dir: Path) -> None:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the pass
     model.train()
-    for batch in _loaders(model, train_dir, train_dir)[0]:
+    for batch in _loader(model, train_dir):
         model(batch.images)
     model.eval()
 

@@ -36,13 +36,13 @@ def _gather_rows(rt: Runtime, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _embed_share(rt: Runtime, model: nn.Module, dataset: Dataset, make_loader: Callable[[Dataset], DataLoader],
-                 dim: int, **opts) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """This rank's embeddings and labels (every world-th image), and how many images failed."""
+                 dim: int, **opts) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's embeddings and labels (every world-th image)."""
     share = Subset(dataset, range(rt.rank, len(dataset), rt.world))
     if len(share) == 0:
-        return torch.zeros(0, dim), torch.zeros(0, dtype=torch.long), 0
+        return torch.zeros(0, dim), torch.zeros(0, dtype=torch.long)
     emb = compute_embeddings(model, make_loader(share), **opts)
-    return emb.features, emb.labels, len(emb.failed)
+    return emb.features, emb.labels
 
 
 def sharded_knn(rt: Runtime, model: nn.Module, bank: Dataset, queries: Dataset,
@@ -50,9 +50,9 @@ def sharded_knn(rt: Runtime, model: nn.Module, bank: Dataset, queries: Dataset,
                 precision: str, channels_last: bool) -> dict[str, float]:
     """Weighted kNN top-1/top-5 (percent) of ``queries`` against ``bank``, computed by all ranks."""
     opts = dict(device=rt.device, precision=precision, channels_last=channels_last)
-    bank_x, bank_y, _ = _embed_share(rt, model, bank, make_loader, dim, **opts)
+    bank_x, bank_y = _embed_share(rt, model, bank, make_loader, dim, **opts)
     bank_x, bank_y = _gather_rows(rt, bank_x), _gather_rows(rt, bank_y)
-    query_x, query_y, _ = _embed_share(rt, model, queries, make_loader, dim, **opts)
+    query_x, query_y = _embed_share(rt, model, queries, make_loader, dim, **opts)
     hits = torch.zeros(3, dtype=torch.float64)
     if query_x.shape[0]:
         scores = knn_predict(query_x, bank_x, bank_y, num_classes, k=k, t=t)

@@ -3,7 +3,6 @@ every rank must enter together (stop and NaN decisions, metric sums)."""
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -50,7 +49,7 @@ def backend_for(device: torch.device) -> str:
 class Runtime:
     """One per training process; starts (and later ends) the process group when torchrun asked."""
 
-    def __init__(self, device: str | None, timeout: timedelta | None = None):
+    def __init__(self, device: str | None):
         self.owns_group = False
         local = int(os.environ.get("LOCAL_RANK", "0"))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -59,7 +58,7 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            dist.init_process_group(backend_for(self.device), timeout=timeout)
+            dist.init_process_group(backend_for(self.device))
             self.owns_group = True
         self.world, self.rank = world_size(), rank()
         self.main = self.rank == 0
