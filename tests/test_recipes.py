@@ -15,7 +15,7 @@ CIFAR = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the official CIF
 
 V1 = dict(arch="resnet50", stem="imagenet", epochs=200, batch_size=256, lr=0.03, schedule="step",
           lr_steps=(120, 160), momentum=0.9, weight_decay=1e-4, moco_dim=128, moco_k=65536, moco_m=0.999,
-          moco_t=0.07, mlp=False, aug="moco-v1", image_size=224, bn_groups=8)
+          moco_t=0.07, mlp=False, aug="moco-v1", image_size=224, bn_groups=8, shuffle_bn=True)
 EXPECTED = {
     "moco-v1": V1,
     "moco-v2": {**V1, "schedule": "cos", "moco_t": 0.2, "mlp": True, "aug": "moco-v2"},
@@ -28,16 +28,16 @@ EXPECTED = {
                 "optimizer": "lars", "momentum": 0.9, "weight_decay": 1e-6, "warmup_epochs": 10, "schedule": "cos",
                 "moco_m": 0.99, "moco_m_cos": True, "moco_t": 1.0, "moco_dim": 256, "mlp_dim": 4096, "moco_k": 0,
                 "crop_min": 0.2, "aug": "moco-v3", "image_size": 224, "moco_version": "v3", "symmetric": True,
-                "stop_grad_conv1": False},
+                "stop_grad_conv1": False, "shuffle_bn": True},  # no Shuffle BN in v3: the field stays at its default
     "moco-v3-vit": {"arch": "vit_small", "epochs": 300, "batch_size": 4096, "lr": 1.5e-4, "optimizer": "adamw",
                     "weight_decay": 0.1, "warmup_epochs": 40, "moco_m": 0.99, "moco_m_cos": True, "moco_t": 0.2,
                     "moco_dim": 256, "mlp_dim": 4096, "crop_min": 0.08, "stop_grad_conv1": True, "aug": "moco-v3",
-                    "image_size": 224, "moco_version": "v3"},
+                    "image_size": 224, "moco_version": "v3", "shuffle_bn": True},
     # no official one: the ResNet-50 recipe's MoCo v3 values, the CIFAR demo's data-size values
     "cifar-v3": {"arch": "resnet18", "stem": "cifar", "epochs": 200, "batch_size": 512, "lr": 0.6,
                  "optimizer": "lars", "weight_decay": 1e-6, "warmup_epochs": 10, "moco_m": 0.99, "moco_m_cos": True,
                  "moco_t": 1.0, "moco_dim": 256, "mlp_dim": 4096, "crop_min": 0.2, "aug": "moco-v3",
-                 "image_size": 32, "moco_version": "v3"},
+                 "image_size": 32, "moco_version": "v3", "shuffle_bn": True},
 }
 V3_ONLY = dict(optimizer="sgd", warmup_epochs=0, moco_m_cos=False, stop_grad_conv1=False, patch_size=None,
                symmetric=False)

@@ -39,6 +39,7 @@ FLAGS = [
     (["--crop-min", "0.5"], {"crop_min": 0.5}),
     (["--bn-groups", "4"], {"bn_groups": 4}),
     (["--symmetric", "true"], {"symmetric": True}),
+    (["--shuffle-bn", "false"], {"shuffle_bn": False}),
     (["--optimizer", "lars"], {"optimizer": "lars"}),
     (["--warmup-epochs", "3"], {"warmup_epochs": 3}),
     (["--moco-m-cos", "true"], {"moco_m_cos": True}),

@@ -50,15 +50,20 @@ class MoCo(nn.Module):
         bn_splits: BatchNorm statistics over this many sub-batches (Shuffle BN on one device).
         symmetric: also contrast the swapped views and enqueue both keys (the official CIFAR-10 demo):
             loss = ctr(q1, k2) + ctr(q2, k1); K must then be divisible by twice the global batch.
+        shuffle_bn: compute the keys on a shuffled batch (across ranks; on one process, across the
+            ``bn_splits`` groups) and unshuffle them, as the official code. ``False`` is the paper's
+            ablation ("Shuffling BN" in He et al. 2020, and its appendix): each key is then normalised over
+            the same images as its query, so the model can "cheat" through the BN statistics (the
+            pretext accuracy climbs while the features get worse). For ablations, not for real runs.
     """
 
     sync_bn = False  # Shuffle BN (or SplitBatchNorm) stands in for synchronised statistics
 
     def __init__(self, backbone: str | nn.Module = "resnet50", dim: int = 128, K: int = 65536,
                  m: float = 0.999, T: float = 0.07, mlp: bool = False, *, stem: str = "imagenet",
-                 bn_splits: int = 1, symmetric: bool = False):
+                 bn_splits: int = 1, symmetric: bool = False, shuffle_bn: bool = True):
         super().__init__()
-        self.K, self.m, self.T, self.symmetric = K, m, T, symmetric
+        self.K, self.m, self.T, self.symmetric, self.shuffle_bn = K, m, T, symmetric, shuffle_bn
         self.encoder_q = convert_split_batchnorm(build_encoder(backbone, dim, mlp, stem), bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
@@ -83,12 +88,14 @@ class MoCo(nn.Module):
 
     def _contrast(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """InfoNCE logits (N x (1+K), positives in column 0) of the queries against their keys and the
-        queue, and the keys (computed under Shuffle BN)."""
+        queue, and the keys (computed under Shuffle BN, unless ``shuffle_bn`` is off)."""
         q = F.normalize(self.encoder_q(im_q).to(self.queue.dtype), dim=1)  # fp32 under autocast
         with torch.no_grad():
-            im_k, inverse = shuffle_across_ranks(im_k)  # Shuffle BN
+            if self.shuffle_bn:
+                im_k, inverse = shuffle_across_ranks(im_k)  # Shuffle BN
             k = F.normalize(self.encoder_k(im_k).to(self.queue.dtype), dim=1)
-            k = unshuffle(k, inverse)
+            if self.shuffle_bn:
+                k = unshuffle(k, inverse)
         l_pos = (q * k).sum(dim=1, keepdim=True)
         l_neg = q @ self.queue.clone().detach()
         return torch.cat([l_pos, l_neg.to(l_pos.dtype)], dim=1) / self.T, k

@@ -58,6 +58,7 @@ RECIPE_FLAGS = {
     "--moco-t": ("moco_t", float, {}),
     "--mlp": ("mlp", _bool, {"metavar": "BOOL"}),
     "--symmetric": ("symmetric", _bool, {"metavar": "BOOL"}),
+    "--shuffle-bn": ("shuffle_bn", _bool, {"metavar": "BOOL"}),
     "--aug": ("aug", str, {"choices": tuple(AUGMENTATIONS)}),
     "--image-size": ("image_size", int, {}),
     "--crop-min": ("crop_min", float, {"metavar": "SCALE"}),
@@ -78,6 +79,8 @@ NOTES = {
     "moco_m": "v3 with --moco-m-cos: the starting value; ",
     "mlp": "v1/v2 head; ",
     "symmetric": "v1/v2: also contrast the swapped views, --moco-k a multiple of 2x batch (v3: always); ",
+    "shuffle_bn": "v1/v2: compute the keys on a shuffled batch; false is the paper's ablation, which lets the "
+                  "model cheat through BN statistics (v3 has no shuffle: keep it true); ",
     "bn_groups": "v1/v2 Shuffle-BN groups (v3: BN over each process's batch, SyncBN over GPUs); ",
     "optimizer": "v1/v2: sgd; v3: lars or adamw; ",
     "warmup_epochs": "v3: linear lr warmup; ",

@@ -83,6 +83,10 @@ def check_generation(cfg: Recipe, per_rank: int) -> None:
                            "negatives): drop the flag")
     if not cfg.symmetric:
         raise MocohubError("--symmetric false: MoCo v3's loss is symmetric by design: drop the flag")
+    if not getattr(cfg, "shuffle_bn", True):
+        raise MocohubError("--shuffle-bn false: MoCo v3 has no Shuffle BN to turn off (it normalises over each "
+                           "process's batch, SyncBN over GPUs); the ablation is a v1/v2 one "
+                           f"({_V1_RECIPES}): drop the flag")
     if cfg.schedule != "cos" or cfg.lr_steps:
         raise MocohubError("--schedule/--lr-steps: MoCo v3's lr is a linear warmup then a half-cosine; set its "
                            "length with --warmup-epochs")
@@ -158,7 +162,7 @@ def build_algorithm(cfg: Any, *, steps_per_epoch: int, bn_splits: int, device: t
                                       stop_grad_conv1=cfg.stop_grad_conv1, **args)
     else:
         model = MoCo(cfg.arch, cfg.moco_dim, cfg.moco_k, cfg.moco_m, cfg.moco_t, cfg.mlp, stem=cfg.stem,
-                     bn_splits=bn_splits, symmetric=cfg.symmetric)
+                     bn_splits=bn_splits, symmetric=cfg.symmetric, shuffle_bn=getattr(cfg, "shuffle_bn", True))
     if sync_bn and model.sync_bn:  # as the official v3 under DDP; torch's SyncBatchNorm needs CUDA tensors
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)

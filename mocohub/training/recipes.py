@@ -29,6 +29,7 @@ class Recipe:
     bn_groups: int = 8             # BN statistics over batch/8 images: the official 8 GPUs x 32
     moco_version: str = "v1"       # "v1"/"v2": queue of negatives (MoCo); "v3": the batch's keys (MoCoV3)
     symmetric: bool = False        # v1/v2: also contrast the swapped views (K a multiple of 2x batch); v3 always is
+    shuffle_bn: bool = True        # v1/v2: keys on a shuffled batch (Shuffle BN); False: the ablation (v3: none)
     # MoCo v3 only (v1/v2 keep these defaults)
     optimizer: str = "sgd"         # v1/v2: sgd; v3: lars (ResNet) or adamw (ViT)
     warmup_epochs: int = 0         # v3: linear warmup, then a per-iteration half-cosine

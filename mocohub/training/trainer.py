@@ -437,7 +437,8 @@ class Trainer:
             head = "MLP" if cfg.mlp else "linear"
             sym = ", symmetric" if cfg.symmetric else ""
             what = f"MoCo, {cfg.recipe} recipe ({head} head, T {cfg.moco_t}{sym})"
-            tail = f"K {cfg.moco_k}, BN in {self.bn_splits} group(s) per process"
+            shuffle = "" if cfg.shuffle_bn else " without Shuffle BN (the ablation)"
+            tail = f"K {cfg.moco_k}, BN in {self.bn_splits} group(s) per process{shuffle}"
         tqdm.write(f"{what}: {cfg.arch} on {len(self.dataset)} images of {cfg.data}, "
                    f"{cfg.image_size} px, batch {cfg.batch_size} over {self.rt.world} process(es) on "
                    f"{self.rt.device.type}, {self.steps_per_epoch} steps/epoch, {tail} -> {self.run_dir}")
