@@ -410,9 +410,10 @@ def launch(run: Run, train: Path, val: Path) -> tuple[int, str]:
                     last_error = line.strip()
             proc.stdout.read()
             proc.wait()
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: {run.label} finishes its step and saves a checkpoint (Ctrl-C again: stop "
-                  "it at once) ...", flush=True)
+        except BaseException as e:  # Ctrl-C, SIGTERM, or this script failing (e.g. its stdout closed)
+            if isinstance(e, KeyboardInterrupt):
+                print(f"\ninterrupted: {run.label} finishes its step and saves a checkpoint (Ctrl-C again: "
+                      "stop it at once) ...", file=sys.stderr, flush=True)
             proc.send_signal(signal.SIGINT)  # the trainer finishes its step and checkpoints
             try:
                 log.write(proc.stderr.read())
@@ -560,7 +561,7 @@ def run_study(name: str, args: argparse.Namespace, size: dict[str, Any], train: 
                 row = result_row(run, args.size, epochs, "diverged", machine, error)
             elif code != 0 or final_rows(run, epochs) is None:
                 raise SystemExit(f"{run.label} failed (exit {code}): {error or 'see the log'}; its output is in "
-                                 f"{run.run_dir / RUN_LOG}")
+                                 f"{run.run_dir / RUN_LOG} (the same command resumes it)")
         else:
             print(f"{head}: finished earlier, recording it", flush=True)
         row = row or result_row(run, args.size, epochs, "done", machine)
@@ -589,8 +590,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="See the module docstring (benchmarks/ablations.py) for the layout and resuming.")
+    p = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:3]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="The module docstring (benchmarks/ablations.py): the layout, resuming.")
     p.add_argument("study", choices=(*STUDIES, "all"))
     p.add_argument("--size", required=True, choices=tuple(SIZES), metavar="{" + ",".join(PUBLIC_SIZES) + "}",
                    help="cpu: a CIFAR-10 subset for 2 CPU cores; full: the official CIFAR-10 demo, for a GPU")
@@ -611,13 +613,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"machine: CPU capability {machine['cpu_capability']}"
               + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
               + f", OMP_NUM_THREADS {machine['omp_num_threads']}; data {train} ({n_train} images), {val}", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: the running trainer checkpoints first
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: the running trainer checkpoints first
     try:
         for name in STUDIES if args.study == "all" else (args.study,):
             run_study(name, args, size, train, val, n_train, machine)
     except KeyboardInterrupt:
         print("interrupted: run the same command to resume (finished runs are skipped)", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
