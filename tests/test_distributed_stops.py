@@ -16,7 +16,7 @@ from mocohub.data.synthetic import make_dataset
 from mocohub.training import load_checkpoint
 
 WORLD = 2
-ARGS = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "16", "--workers", "0",
+ARGS = ["--recipe", "cifar", "--arch", "test_resnet", "--image-size", "16", "--batch-size", "8", "--moco-k", "16", "--workers", "0",
         "--no-progress", "--log-every", "1", "--precision", "fp32"]
 # Rank 1's loss turns infinite at its 3rd step (a fault only that rank sees, as an fp16 overflow would).
 INF_ON_RANK_1 = """
