@@ -19,6 +19,9 @@ from mocohub.zoo.card import model_card
 
 TINY = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "32", "--workers", "0",
         "--no-progress", "--log-every", "1"]
+# timm's tiny ResNet (0.4 M parameters), for the runs whose point is not the default backbone:
+# test_cli_end_to_end trains resnet18 (and the demo too)
+SMALL = [*TINY, "--arch", "test_resnet"]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,7 @@ def test_resume_reproduces_uninterrupted_losses(folders, tmp_path):
     train_dir, _ = folders
     whole, split = tmp_path / "whole", tmp_path / "split"
     base = dict(data=str(train_dir), image_size=16, batch_size=8, moco_k=32, workers=0, progress=False,
-                log_every=1, epochs=2, seed=3)
+                log_every=1, epochs=2, seed=3, arch="test_resnet")
     train(TrainConfig.from_recipe("cifar", out=str(whole), **base))
     train(TrainConfig.from_recipe("cifar", out=str(split), max_steps=3, **base))  # stops mid-epoch 0
     assert load_checkpoint(split / "checkpoint.pth.tar")["mocohub"]["step_in_epoch"] == 3
@@ -98,7 +101,8 @@ def test_resume_reproduces_uninterrupted_losses(folders, tmp_path):
 def test_failed_checkpoint_write_keeps_previous(folders, tmp_path, monkeypatch):
     train_dir, _ = folders
     run = tmp_path / "run"
-    cfg = dict(data=str(train_dir), image_size=16, batch_size=8, moco_k=32, workers=0, progress=False, out=str(run))
+    cfg = dict(data=str(train_dir), image_size=16, batch_size=8, moco_k=32, workers=0, progress=False, out=str(run),
+               arch="test_resnet")
     train(TrainConfig.from_recipe("cifar", epochs=1, **cfg))
     before = hashlib.sha256((run / "checkpoint.pth.tar").read_bytes()).hexdigest()
 
@@ -116,9 +120,9 @@ def test_failed_checkpoint_write_keeps_previous(folders, tmp_path, monkeypatch):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(folders, tmp_path, capsys):
     train_dir, _ = folders
     run = tmp_path / "run"
-    assert main(["train", str(train_dir), *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    assert main(["train", str(train_dir), *SMALL, "--epochs", "1", "--out", str(run)]) == 0
     before = (run / "checkpoint.pth.tar").read_bytes()
-    code = main(["train", str(train_dir), *TINY, "--epochs", "3", "--lr", "1e30", "--out", str(run)])
+    code = main(["train", str(train_dir), *SMALL, "--epochs", "3", "--lr", "1e30", "--out", str(run)])
     err = capsys.readouterr().err
     assert code == 3 and "loss became nan" in err and "last good state" in err
     assert (run / "checkpoint.pth.tar").read_bytes() == before
@@ -132,7 +136,7 @@ def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path):
     run = tmp_path / "run"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert main(["train", str(train_dir), *TINY, "--batch-size", "4", "--moco-k", "8", "--epochs", "1",
+        assert main(["train", str(train_dir), *SMALL, "--batch-size", "4", "--moco-k", "8", "--epochs", "1",
                      "--out", str(run)]) == 0
     messages = [str(w.message) for w in caught]
     assert sum("broken.jpg" in m for m in messages) == 1
@@ -184,16 +188,16 @@ def test_official_checkpoint_resumes(folders, tmp_path):
     """A file in the official layout (no mocohub extras) is loaded whole and continues at its epoch."""
     train_dir, _ = folders
     torch.manual_seed(1)  # not the run's seed: nothing loaded can match a fresh model by chance
-    model = mocohub.MoCo("resnet18", dim=128, K=32, m=0.99, T=0.1, stem="cifar")
+    model = mocohub.MoCo("test_resnet", dim=128, K=32, m=0.99, T=0.1, stem="cifar")
     opt = torch.optim.SGD(model.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
     torch.nn.functional.cross_entropy(*model(torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))).backward()
     opt.step()  # momentum buffers, a moved key encoder, 8 keys in the queue
     official = tmp_path / "official.pth.tar"
-    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+    torch.save({"epoch": 1, "arch": "test_resnet", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
                 "optimizer": opt.state_dict()}, official)
     run = tmp_path / "run"
     trainer = Trainer(TrainConfig.from_recipe("cifar", data=str(train_dir), out=str(tmp_path / "inspect"),
-                                              image_size=16, batch_size=8,
+                                              image_size=16, batch_size=8, arch="test_resnet",
                                               moco_k=32, workers=0, progress=False, resume=str(official)))
     loaded = trainer.model.state_dict()
     assert int(loaded["queue_ptr"]) == 8 and set(loaded) == set(model.state_dict())
@@ -205,7 +209,7 @@ def test_official_checkpoint_resumes(folders, tmp_path):
         assert torch.equal(state[i]["momentum_buffer"], saved["momentum_buffer"]), i
     trainer.rt.close()
 
-    assert main(["train", str(train_dir), *TINY, "--epochs", "2", "--out", str(run), "--resume", str(official)]) == 0
+    assert main(["train", str(train_dir), *SMALL, "--epochs", "2", "--out", str(run), "--resume", str(official)]) == 0
     assert [s["epoch"] for s in _steps(run)] == [1] * 5
     assert _steps(run)[0]["lr"] == pytest.approx(0.03)
 
@@ -233,7 +237,7 @@ def test_signal_finishes_the_step_checkpoints_and_resumes(folders, tmp_path, sig
 
     train_dir, _ = folders
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mocohub", "train", str(train_dir), *TINY, "--workers", "2", "--epochs", "2",
+    cmd = [sys.executable, "-m", "mocohub", "train", str(train_dir), *SMALL, "--workers", "2", "--epochs", "2",
            "--out", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -246,7 +250,7 @@ def test_signal_finishes_the_step_checkpoints_and_resumes(folders, tmp_path, sig
     state = load_checkpoint(run / "checkpoint.pth.tar")["mocohub"]
     done = len(_steps(run))
     assert 2 <= done < 10 and state["step_in_epoch"] == done % 5
-    assert main(["train", str(train_dir), *TINY, "--epochs", "2", "--out", str(run)]) == 0
+    assert main(["train", str(train_dir), *SMALL, "--epochs", "2", "--out", str(run)]) == 0
     assert [s["step"] for s in _steps(run)] == list(range(10))
 
 
@@ -270,7 +274,8 @@ def test_val_folder_is_checked_before_training(folders, tmp_path, capsys):
 
 def test_step_log_averages_each_interval(folders, tmp_path):
     train_dir, _ = folders
-    base = dict(data=str(train_dir), image_size=16, batch_size=8, moco_k=32, workers=0, progress=False, epochs=1)
+    base = dict(data=str(train_dir), image_size=16, batch_size=8, moco_k=32, workers=0, progress=False, epochs=1,
+                arch="test_resnet")
     train(TrainConfig.from_recipe("cifar", out=str(tmp_path / "each"), log_every=1, **base))
     train(TrainConfig.from_recipe("cifar", out=str(tmp_path / "pairs"), log_every=2, **base))
     each, pairs = _steps(tmp_path / "each"), _steps(tmp_path / "pairs")
