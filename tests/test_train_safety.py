@@ -19,7 +19,7 @@ from mocohub.training.sampler import ResumableSampler
 from mocohub.training.trainer import Trainer
 
 TINY = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "32", "--workers", "0",
-        "--no-progress", "--log-every", "1", "--precision", "fp32"]
+        "--no-progress", "--log-every", "1", "--precision", "fp32", "--arch", "test_resnet"]  # timm's tiny ResNet
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_resume_takes_momentum_and_wd_from_the_flags_and_survives_a_precision_ch
     """An official checkpoint's optimizer state carries its own momentum and wd; fp32 -> fp16
     used to crash in GradScaler.load_state_dict({})."""
     base = dict(data=str(folders[0]), image_size=16, batch_size=8, moco_k=32, workers=0, progress=False,
-                epochs=1, precision="fp32", out=str(tmp_path / "run"))
+                epochs=1, precision="fp32", out=str(tmp_path / "run"), arch="test_resnet")
     Trainer(TrainConfig.from_recipe("cifar", **base)).fit()
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pth.tar")
     for group in ckpt["optimizer"]["param_groups"]:
@@ -106,7 +106,7 @@ def test_default_out_is_a_fresh_folder_per_run(folders, tmp_path, monkeypatch, c
     for _ in range(2):
         assert main(["train", str(folders[0]), *TINY, "--max-steps", "1"]) == 0
     runs = sorted((tmp_path / "runs").iterdir())
-    assert len(runs) == 2 and all(r.name.startswith("cifar-resnet18-") for r in runs)
+    assert len(runs) == 2 and all(r.name.startswith("cifar-test_resnet-") for r in runs)
     assert all(load_checkpoint(r / "checkpoint.pth.tar")["mocohub"]["step_in_epoch"] == 1 for r in runs)
 
 
