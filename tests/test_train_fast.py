@@ -14,8 +14,9 @@ from mocohub.precision import native_bf16, resolve_channels_last, resolve_precis
 from mocohub.training import TrainConfig, train
 
 TINY = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "32", "--workers", "0",
-        "--no-progress", "--log-every", "1"]
+        "--no-progress", "--log-every", "1", "--arch", "test_resnet"]  # timm's tiny ResNet
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # what an AVX2-only CPU reports
+PART = "--- then a training run ---"
 
 
 @pytest.fixture(scope="module")
@@ -28,31 +29,41 @@ def _steps(run) -> list[dict]:
     return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
 
 
-def test_auto_precision_follows_the_hardware_in_the_start_line(data, tmp_path):
-    """On a CPU without native bf16 (emulated here with oneDNN's and ATen's ISA caps) auto is fp32
-    and says why; wherever this runs, auto is bf16 exactly when the CPU has native bf16."""
-    code = (f"from mocohub.cli.main import main; import sys; sys.exit(main({['train', str(data), *TINY, '--max-steps', '1', '--out', str(tmp_path / 'avx2')]!r}))")
+@pytest.fixture(scope="module")
+def avx2_process(data, tmp_path_factory) -> tuple[int, list[str], list[str]]:
+    """One process on an emulated AVX2-only CPU (oneDNN's and ATen's ISA caps): two explicit bf16
+    resolutions, then a 1-step training run with auto precision. Its exit code, and its stdout and
+    stderr each split at PART (one process start-up for both tests below)."""
+    run = tmp_path_factory.mktemp("avx2") / "run"
+    code = ("import sys, warnings; warnings.simplefilter('always'); from mocohub.precision import resolve_precision;"
+            "print(resolve_precision('bf16', 'cpu')); print(resolve_precision('bf16', 'cpu'));"
+            f"print({PART!r}, flush=True); print({PART!r}, file=sys.stderr, flush=True);"
+            f"from mocohub.cli.main import main; sys.exit(main({['train', str(data), *TINY, '--max-steps', '1', '--out', str(run)]!r}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **AVX2_ONLY})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "precision fp32 (this CPU (AVX2) has no native bf16" in proc.stdout and "NCHW" in proc.stdout
+    return proc.returncode, proc.stdout.split(PART), proc.stderr.split(PART)
+
+
+def test_auto_precision_follows_the_hardware_in_the_start_line(avx2_process):
+    """On a CPU without native bf16 auto is fp32 and says why; wherever this runs, auto is bf16
+    exactly when the CPU has native bf16."""
+    code, out, err = avx2_process
+    assert code == 0 and len(out) == len(err) == 2, err[-1][-2000:]
+    assert "precision fp32 (this CPU (AVX2) has no native bf16" in out[1] and "NCHW" in out[1]
     native, _ = native_bf16("cpu")
     assert resolve_precision("auto", "cpu")[0] == ("bf16" if native else "fp32")
     assert resolve_channels_last("auto", "bf16") and not resolve_channels_last("auto", "fp32")
 
 
-def test_explicit_bf16_on_a_cpu_without_it_warns_once():
-    code = ("import warnings; warnings.simplefilter('always'); from mocohub.precision import resolve_precision;"
-            "print(resolve_precision('bf16', 'cpu')); print(resolve_precision('bf16', 'cpu'))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **AVX2_ONLY})
-    assert proc.stdout.count("('bf16', 'as asked')") == 2
-    assert proc.stderr.count("has no native bf16") == 1 and "auto (fp32 here) is faster" in proc.stderr
+def test_explicit_bf16_on_a_cpu_without_it_warns_once(avx2_process):
+    _, out, err = avx2_process
+    assert out[0].count("('bf16', 'as asked')") == 2
+    assert err[0].count("has no native bf16") == 1 and "auto (fp32 here) is faster" in err[0]
 
 
 def test_batched_augmentation_trains_and_resumes_to_equal_losses(data, tmp_path):
     base = dict(data=str(data), image_size=16, batch_size=8, moco_k=32, workers=0, progress=False, log_every=1,
-                epochs=1, seed=2, aug_impl="batched", precision="fp32")
+                epochs=1, seed=2, aug_impl="batched", precision="fp32", arch="test_resnet")
     train(TrainConfig.from_recipe("cifar", out=str(tmp_path / "whole"), **base))
     train(TrainConfig.from_recipe("cifar", out=str(tmp_path / "split"), max_steps=2, **base))
     train(TrainConfig.from_recipe("cifar", out=str(tmp_path / "split"), **{**base, "workers": 2}))
@@ -84,7 +95,8 @@ def test_compile_compiles_both_encoders_and_keeps_the_official_names(data, tmp_p
     """Wiring only: a first compiled step takes minutes on 2 cores (bench_step --compile times it)."""
     from mocohub.training.trainer import Trainer
     t = Trainer(TrainConfig.from_recipe("cifar", data=str(data), out=str(tmp_path / "run"), image_size=16,
-                                        batch_size=8, moco_k=32, workers=0, progress=False, compile=True))
+                                        batch_size=8, moco_k=32, workers=0, progress=False, compile=True,
+                                        arch="test_resnet"))
     try:
         assert t.model.encoder_q._compiled_call_impl is not None and t.model.encoder_k._compiled_call_impl is not None
         assert all(k.startswith(("encoder_q.", "encoder_k.", "queue")) for k in t.model.state_dict())
