@@ -145,8 +145,8 @@ def test_an_official_v3_checkpoint_resumes_at_its_epoch(runs, data, tmp_path):
 def test_resume_across_generations_is_refused(runs, data, tmp_path, capsys):
     train_dir = str(data[0])
     v1 = tmp_path / "v1"
-    assert main(["train", train_dir, "--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "32",
-                 "--workers", "0", "--no-progress", "--max-steps", "1", "--out", str(v1)]) == 0
+    assert main(["train", train_dir, "--recipe", "cifar", "--arch", "test_resnet", "--image-size", "16", "--batch-size",
+                 "8", "--moco-k", "32", "--workers", "0", "--no-progress", "--max-steps", "1", "--out", str(v1)]) == 0
     capsys.readouterr()
     v3_file = runs["resnet"][0] / "checkpoint.pth.tar"
     assert main(["train", train_dir, *ARCHS["resnet"], *COMMON, "--out", str(tmp_path / "a"),
@@ -200,7 +200,7 @@ def test_symmetric_v2_run_enqueues_both_views(data, tmp_path):
     """--symmetric: loss ctr(q1, k2) + ctr(q2, k1) (about twice the one-sided loss at the start: same
     seed, same first term), both views' keys in the queue (its pointer moves 16 a step)."""
     common = dict(data=str(data[0]), image_size=16, batch_size=8, moco_k=64, workers=0, progress=False,
-                  log_every=1, max_steps=2, precision="fp32", epochs=2)
+                  log_every=1, max_steps=2, precision="fp32", epochs=2, arch="test_resnet")
     sym, one = tmp_path / "sym", tmp_path / "one"
     train(TrainConfig.from_recipe("cifar", out=str(sym), symmetric=True, **common))
     train(TrainConfig.from_recipe("cifar", out=str(one), **common))
