@@ -5,7 +5,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from mocohub.data import photometric as P
 from mocohub.data.batched import resized_crop
-from mocohub.data.views import ColorJitter
+from mocohub.data.views import NEUTRAL, SLOTS, ColorJitter
 
 TOL = 2 / 255
 N = 6
@@ -35,35 +35,89 @@ def _each(ref, x, factors):
     (P.adjust_hue, TF.adjust_hue, -0.5, 0.5),
 ])
 def test_colour_adjustments_match_torchvision(images, op, ref, low, high):
+    """In [0, 1] as torchvision's float images, and in [0, 255] as the batched pipeline runs."""
     factors = _factors(low, high)
+    expected = _each(ref, images, factors)
     out = op(images.clone(), factors)
-    assert (out - _each(ref, images, factors)).abs().max() <= TOL
+    assert (out - expected).abs().max() <= TOL
     assert not torch.allclose(out, images, atol=TOL)  # they did something
+    kwargs = {} if op is P.adjust_hue else {"bound": 255.0}
+    assert (op(images * 255, factors, **kwargs) / 255 - expected).abs().max() <= TOL
 
 
-def test_hue_shift_of_zero_is_identity_and_full_turn_wraps(images):
-    assert torch.allclose(P.adjust_hue(images, torch.zeros(N)), images, atol=1e-6)
-    half = P.adjust_hue(P.adjust_hue(images, torch.full((N,), 0.5)), torch.full((N,), 0.5))
-    assert torch.allclose(half, images, atol=1e-5)
+def test_ops_work_in_place_and_on_single_images(images):
+    """A chunk of one image takes the plain-float paths (hue, blur): the same results."""
+    for op, factors in [(P.adjust_hue, _factors(-0.5, 0.5)), (P.adjust_saturation, _factors(0.0, 2.0)),
+                        (lambda x, s: P.gaussian_blur(x, s, 5), _factors(0.1, 2.0))]:
+        x = images.clone()
+        assert op(x, factors).data_ptr() == x.data_ptr()
+        singles = torch.cat([op(images[i:i + 1].clone(), factors[i:i + 1]) for i in range(N)])
+        assert (x - singles).abs().max() <= 1e-5
+
+
+def test_hue_on_ties_gray_and_primary_colours():
+    """Every tie of the max (R first, as torchvision), gray pixels, all six sextants, both wraps."""
+    levels = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    rgb = torch.cartesian_prod(levels, levels, levels).t().reshape(1, 3, 8, 8)
+    x = rgb.expand(7, -1, -1, -1).contiguous()
+    shifts = torch.tensor([-0.5, -0.31, -1 / 6, 0.0, 0.07, 1 / 3, 0.5])
+    out = P.adjust_hue(x.clone(), shifts)
+    assert (out - _each(TF.adjust_hue, x, shifts)).abs().max() <= 1e-5
+
+
+def test_blend_runs_a_different_op_on_each_sample(images):
+    """Brightness, contrast, saturation and the identity in one call, each sample its own."""
+    f = _factors(0.6, 1.4)
+    kinds = [0, 1, 2, 3, 1, 2]  # brightness, contrast, saturation, identity
+    alpha = torch.where(torch.tensor(kinds) == 3, torch.ones(N), f)
+    beta = torch.tensor([1 - float(f[i]) if k == 1 else 0.0 for i, k in enumerate(kinds)])
+    gamma = torch.tensor([1 - float(f[i]) if k == 2 else 0.0 for i, k in enumerate(kinds)])
+    out = P.blend(images.clone(), alpha, beta, gamma)
+    refs = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, lambda img, _: img)
+    for i, k in enumerate(kinds):
+        assert (out[i] - refs[k](images[i], float(f[i]))).abs().max() <= TOL
 
 
 def test_grayscale_and_solarize_match_torchvision(images):
-    assert (P.grayscale(images) - TF.rgb_to_grayscale(images)).abs().max() <= TOL
+    assert torch.equal(P.grayscale(images), TF.rgb_to_grayscale(images))
     ref = torch.stack([TF.solarize(img, 128 / 255) for img in images])
-    assert torch.equal(P.solarize(images), ref)
+    assert torch.equal(P.solarize(images.clone()), ref)
+    assert torch.allclose(P.solarize(images * 255, 128, bound=255.0) / 255, ref, atol=1e-6)
 
 
-def test_blur_with_per_sample_sigma_matches_torchvision(images):
+@pytest.mark.parametrize("size", [5, 23])
+@pytest.mark.parametrize("shape", [(30, 34), (32, 48), (24, 40)])  # taps; banded products in blocks of 16, of 8
+def test_blur_with_per_sample_sigma_matches_torchvision(size, shape):
+    """Taps under BLUR_TAIL are skipped: within 5e-4 of torchvision's full kernel (2/255 is 8e-3).
+    Single images whose sides divide by 16 or 8 blur by banded matrix products, others (and
+    chunks of several images) by one multiply-add per tap."""
+    x = torch.rand(N, 3, *shape, generator=torch.Generator().manual_seed(3))
     sigma = _factors(0.1, 2.0)
-    out = P.gaussian_blur(images, sigma, 5)
-    ref = torch.stack([TF.gaussian_blur(img, [5, 5], [float(s)] * 2) for img, s in zip(images, sigma)])
-    assert (out - ref).abs().max() <= 1e-5
-    with pytest.raises(ValueError, match="larger than 12 px"):
-        P.gaussian_blur(images, sigma, 25)
+    sigma[0] = 0.1  # a single-tap kernel
+    ref = torch.stack([TF.gaussian_blur(img, [size, size], [float(s)] * 2) for img, s in zip(x, sigma)])
+    assert (P.gaussian_blur(x.clone(), sigma, size) - ref).abs().max() <= 5e-4
+    singles = torch.cat([P.gaussian_blur(x[i:i + 1].clone(), sigma[i:i + 1], size) for i in range(N)])
+    assert (singles - ref).abs().max() <= 5e-4
+    with pytest.raises(ValueError, match="larger than 11 px"):
+        P.gaussian_blur(x[:, :, :11], sigma, 23)
+
+
+def test_blur_uses_matrix_products_only_at_full_float32_precision(monkeypatch):
+    calls = []
+    monkeypatch.setattr(P, "_blur_gemm", lambda *a: calls.append(1) or a[0])
+    x = torch.rand(1, 3, 32, 32)
+    P.gaussian_blur(x, torch.tensor([1.0]), 5)
+    assert calls == [1]
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # matmuls may then round through bf16 or tf32
+    try:
+        P.gaussian_blur(x, torch.tensor([1.0]), 5)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert calls == [1]
 
 
 def test_apply_where_computes_only_the_selected_samples(images):
-    mask = torch.tensor([True, False, True, False, False, True])
     calls = []
 
     def op(x, f):
@@ -71,20 +125,46 @@ def test_apply_where_computes_only_the_selected_samples(images):
         return P.adjust_brightness(x, f)
 
     factors = _factors(0.6, 1.4)
-    out = P.apply_where(images, mask, op, factors)
-    assert calls == [3]
-    assert torch.equal(out[~mask], images[~mask])
-    assert torch.equal(out[mask], P.adjust_brightness(images[mask], factors[mask]))
+    expected = P.adjust_brightness(images.clone(), factors)
+    for mask, counts in [([True, False, True, False, False, True], [1, 1, 1]),  # runs, in place
+                         ([True, True, False, False, True, True], [2, 2]),
+                         ([True, False] * 3, None)]:
+        calls.clear()
+        mask_t = torch.tensor(mask)
+        if counts is None:  # more runs than MAX_RUNS: gathered, computed, written back
+            monkey = P.MAX_RUNS
+            P.MAX_RUNS = 2
+        out = P.apply_where(images.clone(), mask, op, factors)
+        if counts is None:
+            P.MAX_RUNS = monkey
+            counts = [3]
+        assert calls == counts
+        assert torch.equal(out[~mask_t], images[~mask_t])
+        assert torch.equal(out[mask_t], expected[mask_t])
+    calls.clear()
+    assert torch.equal(P.apply_where(images.clone(), [False] * N, op, factors), images) and calls == []
 
 
-def test_jitter_applies_each_samples_own_order(images):
+def _rows(on, order, factors):
+    rows = []
+    for i in range(N):
+        row = list(NEUTRAL)
+        row[SLOTS["jitter"]] = float(on[i])
+        row[SLOTS["jitter_order"]] = [float(v) for v in order[i]]
+        row[SLOTS["jitter_factors"]] = [float(v) for v in factors[i]]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("bound", [1.0, 255.0])
+def test_jitter_applies_each_samples_own_order(images, bound):
     jitter = ColorJitter(0.4, 0.4, 0.4, 0.1)
     g = torch.Generator().manual_seed(2)
     order = torch.stack([torch.randperm(4, generator=g) for _ in range(N)])
     factors = torch.stack([_factors(0.6, 1.4, 3)[:4], _factors(0.6, 1.4, 4)[:4], _factors(0.6, 1.4, 5)[:4],
                            _factors(-0.1, 0.1, 6)[:4]], 1).repeat(2, 1)[:N]
     on = torch.tensor([True, True, True, True, False, True])
-    out = jitter.apply(images.clone(), {"jitter": on, "jitter_order": order, "jitter_factors": factors})
+    out = jitter.apply(images.clone() * bound, _rows(on, order, factors), bound) / bound
     refs = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for i in range(N):
         expected = images[i]
@@ -100,3 +180,4 @@ def test_crop_and_flip_match_torchvision():
     hwc = img.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # the layout pil_to_uint8 gives
     assert torch.equal(resized_crop(hwc, 3, 5, 30, 41, 24), TF.resized_crop(img, 3, 5, 30, 41, [24, 24]))
     assert torch.equal(img.flip(-1), TF.horizontal_flip(img))
+    assert torch.equal(resized_crop(img, 4, 6, 24, 24, 24), TF.resized_crop(img, 4, 6, 24, 24, [24, 24]))  # cut only

@@ -1,5 +1,8 @@
 """Batched views: the PIL pipeline's parameters, torchvision's distributions, seeded per sample."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ from torchvision import transforms as T
 from torchvision.transforms import v2 as T2
 from torchvision.transforms.v2 import functional as TF
 
+from mocohub.data import batched as B
+from mocohub.data import draws as D
 from mocohub.data import views as V
 from mocohub.data.augment import augmentation, recipe, two_views, view_specs
 from mocohub.data.batched import BatchedTwoViews
@@ -66,9 +71,13 @@ def test_moco_v3_draws_what_its_pil_pipeline_draws(monkeypatch):
         state = torch.get_rng_state()
         expected = {key: list(seen[key]) for key in ("box", "jitter", "radius")}
         torch.manual_seed(seed)
-        params = batched(image).params
+        boxes, rows = batched.draw(image.height, image.width)
         assert torch.equal(torch.get_rng_state(), state)
-        assert seen["box"][len(expected["box"]):] == expected["box"]
+        assert boxes == expected["box"]
+        torch.manual_seed(seed)
+        crops = batched(image)
+        assert torch.equal(crops.params, rows) and torch.equal(torch.get_rng_state(), state)
+        params = [crops.view_params(i) for i in (0, 1)]
         sigmas = [float(p["blur_sigma"]) for p in params]
         assert [s for s in sigmas if s > 0] == pytest.approx(expected["radius"])
         assert sum(bool(p["solarize"]) for p in params[1:]) == seen["solarize"]
@@ -160,10 +169,117 @@ def test_views_depend_only_on_seed_epoch_and_index(tmp_path):
         loader = DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate_images)
         runs.append(list(loader))
     for a, b in zip(*runs):
-        assert torch.equal(a.images.crops, b.images.crops)
-        assert all(torch.equal(p[k], r[k]) for p, r in zip(a.images.params, b.images.params) for k in p)
+        assert torch.equal(a.images.crops, b.images.crops) and torch.equal(a.images.params, b.images.params)
     first = runs[0][0].images
     q, k = ds.transform.augment(first)
     assert q.shape == (4, 3, 16, 16) and not torch.equal(q, k)
     ds.set_epoch(1)
     assert not torch.equal(ds[0][0].crops, first.crops[0])
+
+
+SHAPES = [(32, 32), (375, 500), (23, 37), (10, 200)]  # (height, width); 10x200 always falls back
+
+
+@pytest.mark.parametrize("name", ["cifar", "moco-v1", "moco-v2", "moco-v3"])
+def test_fast_draws_equal_the_torch_calls(name):
+    """``View.draw`` (one read of the generator) gives ``View.sample``'s values (torch calls), bit
+    for bit, and leaves the generator where the calls leave it."""
+    assert D.fast_draws_available()
+    views = view_specs(name, 24)
+    for seed in range(60):
+        height, width = SHAPES[seed % len(SHAPES)]
+        torch.manual_seed(seed)
+        expected = [view.sample(torch.empty(0, height, width)) for view in views]
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        words = D.Words(sum(view.max_words for view in views))
+        drawn = [view.draw(words, height, width) for view in views]
+        words.commit()
+        assert torch.equal(torch.get_rng_state(), state)
+        for (box, params), (my_box, row) in zip(expected, drawn):
+            assert my_box == box and torch.equal(torch.tensor(row), V.pack(params))
+
+
+def test_draws_across_a_regeneration_of_the_generator_state():
+    """Reads that run past the 624-word state (the twist computed ahead) and unseeded use."""
+    torch.manual_seed(3)
+    torch.rand(600)
+    view = view_specs("moco-v3", 24)[1]
+    with torch.random.fork_rng(devices=()):
+        expected = [view.sample(torch.empty(0, 40, 40)) for _ in range(30)]
+    for box, params in expected:
+        words = D.Words(view.max_words)
+        my_box, row = view.draw(words, 40, 40)
+        words.commit()
+        assert my_box == box and torch.equal(torch.tensor(row), V.pack(params))
+
+
+def test_the_self_check_holds_where_uniform_is_not_fused():
+    """The float32 ``uniform_`` rounds once (FMA) on AVX2/AVX-512 kernels, twice on the default
+    one: the self-check finds which, and the draws still equal torch's."""
+    code = ("import torch; from mocohub.data import draws as D, views as V; from mocohub.data.augment import view_specs;"
+            "ok = D.fast_draws_available(); v = view_specs('moco-v2', 24)[0]; torch.manual_seed(1);"
+            "e = v.sample(torch.empty(0, 50, 60)); torch.manual_seed(1); w = D.Words(v.max_words);"
+            "b, r = v.draw(w, 50, 60); print(ok, D.Words.fused, b == e[0] and torch.equal(torch.tensor(r), V.pack(e[1])))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})
+    assert out.stdout.split() == ["True", "False", "True"], out.stderr[-2000:]
+
+
+def test_batched_views_without_fast_draws_are_the_same(monkeypatch):
+    image = _noise(60, 45)
+    fast, slow = BatchedTwoViews("moco-v2", 24), BatchedTwoViews("moco-v2", 24)
+    slow.fast_draws = False
+    for seed in range(10):
+        torch.manual_seed(seed)
+        a = fast(image)
+        torch.manual_seed(seed)
+        b = slow(image)
+        assert torch.equal(a.crops, b.crops) and torch.equal(a.params, b.params)
+    monkeypatch.setattr(D, "_CHECKED", False)  # what a failed self-check does
+    assert not BatchedTwoViews("cifar", 24).fast_draws and not D.fast_draws_available()
+
+
+_REFS = {"jitter": None, "gray": lambda img: TF.rgb_to_grayscale(img, 3), "solarize": lambda img: TF.solarize(img, 128 / 255)}
+
+
+def _reference_view(view, crop, params):
+    """One view by torchvision.transforms.v2.functional, one op at a time, from the drawn parameters."""
+    x = crop.float() / 255
+    jitter_ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for stage in view.stages:
+        if isinstance(stage, V.ColorJitter) and params["jitter"]:
+            for op in params["jitter_order"].tolist():
+                x = jitter_ops[op](x, float(params["jitter_factors"][op]))
+        elif isinstance(stage, V.Grayscale) and params["gray"]:
+            x = TF.rgb_to_grayscale(x, 3)
+        elif isinstance(stage, V.Blur) and params["blur_sigma"] > 0:
+            size = V.blur_kernel_size(x.shape[-1])
+            x = TF.gaussian_blur(x, [size, size], [float(params["blur_sigma"])] * 2)
+        elif isinstance(stage, V.Solarize) and params["solarize"]:
+            x = TF.solarize(x, 128 / 255)
+    return x
+
+
+@pytest.mark.parametrize("name, chunk_bytes", [("moco-v2", None), ("moco-v3", None), ("moco-v3", 1), ("cifar", 40000)])
+def test_augment_equals_torchvision_op_by_op_in_every_chunking(name, chunk_bytes, monkeypatch):
+    """The CPU path (samples sorted by hue position, cache-sized chunks, runs of one stage; one
+    image per chunk with ``chunk_bytes`` 1), the whole-batch path a GPU takes, and channels_last
+    output all equal the drawn parameters applied by torchvision, sample by sample."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(B, "CPU_CHUNK_BYTES", chunk_bytes)
+    views = BatchedTwoViews(name, 40, crop_min=0.2)
+    torch.manual_seed(0)
+    batch = default_collate([views(_noise(70, 60, seed=i)) for i in range(48)])
+    q, k = views.augment(batch)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in recipe(name).normalize)
+    for i, out in enumerate((q, k)):
+        params = batch.view_params(i)
+        ref = torch.stack([_reference_view(views.views[i], batch.crops[j, i], {n: v[j] for n, v in params.items()})
+                           for j in range(len(out))])
+        assert (out * std + mean - ref).abs().max() <= 2 / 255
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the GPU's one chunk
+    q2, k2 = views.augment(batch, channels_last=True)
+    assert q2.is_contiguous(memory_format=torch.channels_last)
+    # a chunk's blur keeps the taps any of its samples needs: chunkings differ by skipped taps (< 1e-4 of the range)
+    assert (q2 - q).abs().max() <= 1e-3 and (k2 - k).abs().max() <= 1e-3

@@ -4,6 +4,13 @@ The loader worker does only what is per image: decode, draw every parameter of b
 the per-sample seeded generator, RandomResizedCrop + flip on the uint8 image. The photometric
 stages (jitter in its random order, grayscale, blur, solarize) and normalisation then run
 vectorised over the collated batch, on the CPU or on the training device.
+
+On the CPU the batch is processed in chunks small enough for every temporary to stay in the L2
+cache (one image at 224 px, a few dozen at 32 px), in place, in [0, 255] straight from the uint8
+crops (the 1/255 folds into the normalisation). A view's samples are first sorted by where their
+order puts the hue rotation (then by grayscale, blur, solarize), and chunks never mix two hue
+positions: each stage then runs on whole chunks or on a few runs of consecutive samples, with no
+gathering and no per-sample Python loop. On a GPU the whole batch is one chunk.
 """
 from __future__ import annotations
 
@@ -15,29 +22,69 @@ from PIL import Image
 
 from .augment import recipe, view_specs
 from .convert import pil_to_uint8
-from .views import Params
+from .draws import Words, fast_draws_available
+from .views import SLOTS, Params, pack, unpack
 
 __all__ = ["BatchedTwoViews", "ViewCrops", "resized_crop"]
 
-CPU_CHUNK_BYTES = 1 << 20  # a chunk of float images this large keeps every temporary in L2
+CPU_CHUNK_BYTES = 2 << 20  # small images: chunks of about this many bytes of float images
+SINGLE_IMAGE_BYTES = 256 << 10  # an image this large is a chunk by itself (its temporaries fill the L2 cache)
+BOUND = 255.0
 
 
 class ViewCrops(NamedTuple):
     """Both views of one image before photometry, or (after ``collate_images``) of a batch.
 
     ``crops``: uint8 (2, 3, S, S) per image, (N, 2, 3, S, S) per batch (query view first);
-    ``params``: each view's photometric parameters, name -> tensor with a leading batch axis.
+    ``params``: both views' parameter rows, float (2, NUM_PARAMS) per image, (N, 2, NUM_PARAMS)
+    per batch (``views.SLOTS`` names the columns; ``view_params`` gives them by name).
     """
 
     crops: torch.Tensor
-    params: Sequence[Params]
+    params: torch.Tensor
+
+    def view_params(self, view: int) -> Params:
+        """View ``view``'s parameters by name (``views.unpack``), with the batch axis if any."""
+        return unpack(self.params[..., view, :])
+
+
+def _interpolate(box: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(box, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _direct_resize():
+    """``F.interpolate``'s antialiased bilinear kernel without its Python argument handling (half
+    the cost of a 32 px crop), if this torch has it under the name we know and it agrees."""
+    op = getattr(torch._C._nn, "_upsample_bilinear2d_aa", None)
+    if op is None:
+        return _interpolate
+    try:
+        probe = torch.arange(3 * 7 * 9, dtype=torch.uint8).view(1, 3, 7, 9)
+        if torch.equal(op(probe, [5, 5], False), _interpolate(probe, 5)):
+            return lambda box, size: op(box, [size, size], False)
+    except (RuntimeError, TypeError):
+        pass
+    return _interpolate
+
+
+_resize = _direct_resize()
 
 
 def resized_crop(image: torch.Tensor, top: int, left: int, height: int, width: int, size: int) -> torch.Tensor:
     """``torchvision.transforms.v2.functional.resized_crop(..., antialias=True)`` (bilinear) on a
-    uint8 (3, H, W) image, without its per-call dispatch (a third of the cost at 32 px)."""
-    box = image[:, top:top + height, left:left + width].unsqueeze(0)
-    return F.interpolate(box, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    uint8 (3, H, W) image, without its per-call dispatch (most of the cost at 32 px). A box
+    already of the output size is only cut out (the resize would copy it unchanged)."""
+    box = image[:, top:top + height, left:left + width]
+    if height == size and width == size:
+        return box
+    return _resize(box.unsqueeze(0), size)[0]
+
+
+def _hue_position(row: list, first: int) -> int:
+    """Where this sample's jitter order puts the hue rotation (4: no jitter)."""
+    if row[SLOTS["jitter"]] < 0.5:
+        return 4
+    return [int(op) for op in row[first:first + 4]].index(3)
 
 
 class BatchedTwoViews:
@@ -47,7 +94,9 @@ class BatchedTwoViews:
     each call draws both views' parameters, in the PIL pipeline's order, from torch's global
     generator, which a seeded ``ImageFolder`` seeds per (seed, epoch, index): a sample's views
     then depend on nothing else (not worker count, order, or a resume), and are the very
-    parameters ``two_views(recipe)`` would draw. ``collate_images`` collates the ``ViewCrops``.
+    parameters ``two_views(recipe)`` would draw. The draws are computed from one read of the
+    generator (``draws.Words``) where that reproduces torch's calls, by the calls otherwise.
+    ``collate_images`` collates the ``ViewCrops``.
     """
 
     accepts_tensors = True
@@ -57,16 +106,35 @@ class BatchedTwoViews:
         self.views = view_specs(recipe_name, size, crop_min)
         default_mean, default_std = recipe(recipe_name).normalize
         self.mean, self.std = tuple(mean or default_mean), tuple(std or default_std)
+        self.max_words = sum(view.max_words for view in self.views)
+        self.fast_draws: bool | None = None  # decided at the first call (in the loader process)
+
+    def draw(self, height: int, width: int) -> tuple[list[tuple[int, int, int, int]], torch.Tensor]:
+        """Both views' crop boxes and parameter rows (2, NUM_PARAMS), drawn from torch's generator."""
+        boxes, rows = self._draw(height, width)
+        return boxes, torch.tensor(rows)
+
+    def _draw(self, height: int, width: int) -> tuple[list[tuple[int, int, int, int]], list[list[float]]]:
+        if self.fast_draws is None:
+            self.fast_draws = fast_draws_available()
+        if self.fast_draws:
+            words = Words(self.max_words)
+            drawn = [view.draw(words, height, width) for view in self.views]
+            words.commit()
+            return [box for box, _ in drawn], [row for _, row in drawn]
+        image = torch.empty(0, height, width)  # get_params reads only the size
+        drawn = [view.sample(image) for view in self.views]
+        return [box for box, _ in drawn], [pack(params).tolist() for _, params in drawn]
 
     def __call__(self, image: Image.Image | torch.Tensor) -> ViewCrops:
         image = pil_to_uint8(image)
-        crops, params = [], []
-        for view in self.views:
-            box, drawn = view.sample(image)
+        boxes, rows = self._draw(image.shape[1], image.shape[2])
+        flip = SLOTS["flip"]
+        crops = []
+        for view, box, row in zip(self.views, boxes, rows):
             crop = resized_crop(image, *box, view.size)
-            crops.append(crop.flip(-1) if drawn.get("flip", False) else crop)
-            params.append(drawn)
-        return ViewCrops(torch.stack(crops), tuple(params))
+            crops.append(crop.flip(-1) if row[flip] > 0.5 else crop)
+        return ViewCrops(torch.stack(crops), torch.tensor(rows))
 
     def augment(self, batch: ViewCrops, device: torch.device | str | None = None, *,
                 channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,16 +143,47 @@ class BatchedTwoViews:
         crops = batch.crops.to(device, non_blocking=True) if device is not None else batch.crops
         n, _, c, h, w = crops.shape
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        mean = torch.tensor(self.mean, device=crops.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=crops.device).view(1, 3, 1, 1)
-        step = n if crops.is_cuda else max(1, CPU_CHUNK_BYTES // (c * h * w * 4))
-        out = [torch.empty(n, c, h, w, device=crops.device).contiguous(memory_format=fmt) for _ in self.views]
-        for start in range(0, n, step):  # on the CPU, chunks whose temporaries stay in cache
-            part = slice(start, start + step)
-            for i, view in enumerate(self.views):
-                x = view.photometric(crops[part, i].float().div_(255), {k: v[part] for k, v in batch.params[i].items()})
-                out[i][part] = (x - mean) / std
-        return out[0], out[1]
+        params = batch.params.detach().to("cpu", torch.float32)
+        scale = torch.tensor([1 / (BOUND * s) for s in self.std], device=crops.device).view(1, 3, 1, 1)
+        shift = torch.tensor([m * BOUND for m in self.mean], device=crops.device).view(1, 3, 1, 1)
+        outs = []
+        for i, view in enumerate(self.views):
+            out = torch.empty(n, c, h, w, device=crops.device).contiguous(memory_format=fmt)
+            for idx, rows in self._chunks(params[:, i].tolist(), crops.is_cuda, c * h * w * 4):
+                if isinstance(idx, slice):  # consecutive samples: read and write them in place
+                    x = view.photometric(crops[idx, i].float(), rows, BOUND)
+                    torch.sub(x, shift, out=out[idx]).mul_(scale)
+                else:
+                    picked = torch.tensor(idx, device=crops.device)
+                    x = view.photometric(crops[:, i].index_select(0, picked).float(), rows, BOUND)
+                    out.index_copy_(0, picked, x.sub_(shift).mul_(scale))
+            outs.append(out)
+        return outs[0], outs[1]
+
+    @staticmethod
+    def _chunks(rows: list[list[float]], whole: bool, image_bytes: int):
+        """(indices or slice, their rows) per chunk: the whole batch on a GPU; on the CPU, samples
+        sorted by hue position, then grayscale, blur and solarize, in cache-sized chunks that
+        never mix two hue positions."""
+        if whole:
+            yield slice(0, len(rows)), rows
+            return
+        first = SLOTS["jitter_order"].start
+        gray, sigma, sol = SLOTS["gray"], SLOTS["blur_sigma"], SLOTS["solarize"]
+        keys = [(_hue_position(row, first), row[gray], row[sigma] > 0, row[sol]) for row in rows]
+        order = sorted(range(len(rows)), key=keys.__getitem__)
+        limit = 1 if image_bytes >= SINGLE_IMAGE_BYTES else max(1, CPU_CHUNK_BYTES // image_bytes)
+        start = 0
+        while start < len(order):
+            stop, hue = start + 1, keys[order[start]][0]
+            while stop < len(order) and stop - start < limit and keys[order[stop]][0] == hue:
+                stop += 1
+            idx = order[start:stop]
+            if idx == list(range(idx[0], idx[-1] + 1)):
+                yield slice(idx[0], idx[-1] + 1), [rows[j] for j in idx]
+            else:
+                yield idx, [rows[j] for j in idx]
+            start = stop
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(views={self.views}, mean={self.mean}, std={self.std})"

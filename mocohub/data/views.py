@@ -3,25 +3,59 @@
 A ``View`` is the official pipeline's steps in the official order: a RandomResizedCrop then
 stages (flip, colour jitter, grayscale, blur, solarize). Each stage builds its PIL transform
 (``pil``), draws its parameters from torch's global generator exactly as that torchvision
-transform does, in the same order and with the same conditional draws (``sample``), and applies
-itself to a whole float batch given those parameters (``apply``). So for the same seed the batched
-pipeline uses the very parameters the PIL pipeline would have drawn.
+transform does, in the same order and with the same conditional draws (``sample``, by torch
+calls; ``draw``, the same values computed from one read of the generator, see ``draws.py``), and
+applies itself in place to a chunk of float images given those parameters (``apply``). So for
+the same seed the batched pipeline uses the very parameters the PIL pipeline would have drawn.
+
+A view's parameters travel as one float row of ``NUM_PARAMS`` values (``pack``/``unpack``
+convert to and from the named form), so a sample's two views are one (2, NUM_PARAMS) tensor and
+a batch's one (N, 2, NUM_PARAMS) tensor.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Sequence
 
+import math
+from functools import lru_cache
+
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 from . import photometric as P
+from .draws import Words, exp32
 
-__all__ = ["Blur", "ColorJitter", "Flip", "GaussianBlur", "Grayscale", "Solarize", "Stage", "View",
-           "blur_kernel_size"]
+__all__ = ["Blur", "ColorJitter", "Flip", "GaussianBlur", "Grayscale", "NUM_PARAMS", "Solarize", "Stage", "View",
+           "blur_kernel_size", "pack", "unpack"]
 
 Params = dict[str, torch.Tensor]
+Row = list  # a view's parameters as floats, laid out by SLOTS
+
+SLOTS = {"flip": 0, "jitter": 1, "jitter_order": slice(2, 6), "jitter_factors": slice(6, 10), "gray": 10,
+         "blur_sigma": 11, "solarize": 12}
+NUM_PARAMS = 13
+NEUTRAL = (0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # what a stage a view lacks leaves
+_FLAGS = ("flip", "jitter", "gray", "solarize")
+
+
+def pack(params: Params) -> torch.Tensor:
+    """Named parameters (``View.sample``'s) -> one float row of ``NUM_PARAMS``."""
+    row = torch.tensor(NEUTRAL)
+    for name, value in params.items():
+        row[SLOTS[name]] = value.float() if isinstance(value, torch.Tensor) else value
+    return row
+
+
+def unpack(packed: torch.Tensor) -> Params:
+    """Rows (..., NUM_PARAMS) -> named parameters with a leading batch shape: the flags as bool,
+    the jitter order as int64, the factors and sigma as float."""
+    out = {name: packed[..., where] for name, where in SLOTS.items()}
+    for name in _FLAGS:
+        out[name] = out[name] > 0.5
+    out["jitter_order"] = out["jitter_order"].long()
+    return out
 
 
 def _rand() -> float:
@@ -66,9 +100,15 @@ class PILSolarize:
 
 
 class Stage:
-    """One random step after the crop. ``geometric`` stages run per sample in the loader worker."""
+    """One random step after the crop. ``geometric`` stages run per sample in the loader worker.
+
+    ``apply(x, rows, bound)``: in place on a float chunk (N, 3, H, W) with values in [0, bound],
+    ``rows`` the chunk's parameter rows as Python lists (decisions are taken on the host, so
+    a GPU chunk never waits on a device-to-host copy).
+    """
 
     geometric: ClassVar[bool] = False
+    max_words: ClassVar[int] = 1  # the most generator words ``draw`` can use
 
     def pil(self) -> Callable:
         raise NotImplementedError
@@ -76,8 +116,16 @@ class Stage:
     def sample(self) -> Params:
         raise NotImplementedError
 
-    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+    def draw(self, words: Words, row: Row) -> None:
+        """``sample``'s values, from ``words``, into the view's ``row``."""
         raise NotImplementedError
+
+    def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _column(rows: list[Row], name: str) -> list:
+    return [row[SLOTS[name]] for row in rows]
 
 
 @dataclass(frozen=True)
@@ -90,6 +138,9 @@ class Flip(Stage):
 
     def sample(self) -> Params:
         return {"flip": torch.tensor(_rand() < self.p)}
+
+    def draw(self, words: Words, row: Row) -> None:
+        row[SLOTS["flip"]] = float(words.rand() < self.p)
 
 
 @dataclass(frozen=True)
@@ -104,6 +155,7 @@ class ColorJitter(Stage):
     p: float | None = None
     OPS: ClassVar[tuple] = (P.adjust_brightness, P.adjust_contrast, P.adjust_saturation, P.adjust_hue)
     NEUTRAL: ClassVar[tuple] = (1.0, 1.0, 1.0, 0.0)
+    max_words: ClassVar[int] = 1 + 3 + 4  # the coin, randperm(4), four factors
 
     def _ranges(self) -> list[tuple[float, float] | None]:
         return [(max(0.0, 1 - s), 1 + s) if s else None for s in (self.brightness, self.contrast, self.saturation)] \
@@ -125,15 +177,51 @@ class ColorJitter(Stage):
                     factors[i] = torch.empty(1).uniform_(*bounds).item()
         return {"jitter": torch.tensor(on), "jitter_order": order, "jitter_factors": factors}
 
-    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        """At each of the 4 positions, each op runs on the samples whose order puts it there."""
-        on, order, factors = params["jitter"], params["jitter_order"], params["jitter_factors"]
+    def draw(self, words: Words, row: Row) -> None:
+        if self.p is not None and self.p < words.rand():
+            return
+        row[SLOTS["jitter"]] = 1.0
+        row[SLOTS["jitter_order"]] = [float(i) for i in words.randperm4()]
+        factors = list(self.NEUTRAL)
+        for i, bounds in enumerate(self._ranges()):
+            if bounds is not None:
+                factors[i] = words.uniform(*bounds)
+        row[SLOTS["jitter_factors"]] = factors
+
+    def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
+        """At each of the 4 positions, each sample runs the op its order puts there. Brightness,
+        contrast and saturation are all blends (``P.blend``), so one call runs whichever of them
+        each sample has at that position; hue runs on the samples that have it there (the
+        batched pipeline sorts a chunk's samples by their hue position: one run, in place)."""
         enabled = [bounds is not None for bounds in self._ranges()]
+        first = SLOTS["jitter_order"].start
+        factor0 = SLOTS["jitter_factors"].start
         for position in range(4):
-            for op_id, op in enumerate(self.OPS):
-                if enabled[op_id]:
-                    x = P.apply_where(x, on & (order[:, position] == op_id), op, factors[:, op_id])
+            alpha, beta, gamma, shifts, hue = [], [], [], [], []
+            clamp = False
+            for row in rows:
+                op = int(row[first + position]) if row[SLOTS["jitter"]] > 0.5 else -1
+                op = op if op >= 0 and enabled[op] else -1
+                f = row[factor0 + op] if op >= 0 else 0.0
+                alpha.append(f if 0 <= op <= 2 else 1.0)
+                beta.append(1.0 - f if op == 1 else 0.0)
+                gamma.append(1.0 - f if op == 2 else 0.0)
+                clamp = clamp or (0 <= op <= 2 and f > 1.0)
+                hue.append(op == 3)
+                shifts.append(f if op == 3 else 0.0)
+            if any(a != 1.0 for a in alpha):
+                P.blend(x, torch.tensor(alpha), torch.tensor(beta) if any(beta) else None,
+                        torch.tensor(gamma) if any(gamma) else None, bound=bound, clamp=clamp)
+            if any(hue):
+                P.apply_where(x, hue, P.adjust_hue, torch.tensor(shifts))
         return x
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    gray = P.grayscale(x)
+    for k in range(3):
+        x[:, k:k + 1].copy_(gray)
+    return x
 
 
 @dataclass(frozen=True)
@@ -146,8 +234,11 @@ class Grayscale(Stage):
     def sample(self) -> Params:
         return {"gray": torch.tensor(_rand() < self.p)}
 
-    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        return P.apply_where(x, params["gray"], lambda y: P.grayscale(y).expand_as(y))
+    def draw(self, words: Words, row: Row) -> None:
+        row[SLOTS["gray"]] = float(words.rand() < self.p)
+
+    def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
+        return P.apply_where(x, [g > 0.5 for g in _column(rows, "gray")], _gray)
 
 
 @dataclass(frozen=True)
@@ -161,6 +252,7 @@ class Blur(Stage):
 
     p: float = 0.5
     sigma: tuple[float, float] = (0.1, 2.0)
+    max_words: ClassVar[int] = 2
 
     def pil(self) -> Callable:
         return T.RandomApply([GaussianBlur(self.sigma)], p=self.p)
@@ -169,10 +261,14 @@ class Blur(Stage):
         sigma = torch.empty(1).uniform_(*self.sigma).item() if _applied(self.p) else 0.0
         return {"blur_sigma": torch.tensor(sigma)}
 
-    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        sigma = params["blur_sigma"]
-        return P.apply_where(x, sigma > 0, lambda y, s: P.gaussian_blur(y, s, blur_kernel_size(x.shape[-1])),
-                             sigma)
+    def draw(self, words: Words, row: Row) -> None:
+        if not self.p < words.rand():
+            row[SLOTS["blur_sigma"]] = words.uniform(*self.sigma)
+
+    def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
+        sigma = _column(rows, "blur_sigma")
+        size = blur_kernel_size(x.shape[-1])
+        return P.apply_where(x, [s > 0 for s in sigma], lambda y, s: P.gaussian_blur(y, s, size), torch.tensor(sigma))
 
 
 @dataclass(frozen=True)
@@ -185,8 +281,19 @@ class Solarize(Stage):
     def sample(self) -> Params:
         return {"solarize": torch.tensor(_applied(self.p))}
 
-    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        return P.apply_where(x, params["solarize"], P.solarize)
+    def draw(self, words: Words, row: Row) -> None:
+        row[SLOTS["solarize"]] = float(not self.p < words.rand())
+
+    def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
+        return P.apply_where(x, [s > 0.5 for s in _column(rows, "solarize")],
+                             lambda y: P.solarize(y, 128 / 255 * bound, bound=bound))
+
+
+@lru_cache(maxsize=None)
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    """``torch.log(torch.tensor(ratio))``, as RandomResizedCrop.get_params computes it (float32)."""
+    low, high = torch.log(torch.tensor(ratio)).tolist()
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -202,18 +309,55 @@ class View:
         return [T.RandomResizedCrop(self.size, scale=self.scale, ratio=self.ratio),
                 *(stage.pil() for stage in self.stages)]
 
+    @property
+    def max_words(self) -> int:
+        """The most generator words ``draw`` can use: 10 crop tries of 2, the offsets, the stages."""
+        return 22 + sum(stage.max_words for stage in self.stages)
+
     def sample(self, image: torch.Tensor) -> tuple[tuple[int, int, int, int], Params]:
         """The crop box (top, left, height, width) by ``T.RandomResizedCrop.get_params`` itself,
-        then every stage's parameters, in the PIL pipeline's order of draws."""
+        then every stage's parameters, in the PIL pipeline's order of draws (torch calls)."""
         box = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
         params: Params = {}
         for stage in self.stages:
             params.update(stage.sample())
         return box, params
 
-    def photometric(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        """The non-geometric stages on a float batch, in order."""
+    def draw(self, words: Words, height: int, width: int) -> tuple[tuple[int, int, int, int], Row]:
+        """``sample``'s box and parameters (as a row), computed from ``words``."""
+        return self._crop_box(words, height, width), self._draw_stages(words)
+
+    def _draw_stages(self, words: Words) -> Row:
+        row = list(NEUTRAL)
+        for stage in self.stages:
+            stage.draw(words, row)
+        return row
+
+    def _crop_box(self, words: Words, height: int, width: int) -> tuple[int, int, int, int]:
+        """``T.RandomResizedCrop.get_params``, line by line."""
+        area = height * width
+        log_ratio = _log_ratio(self.ratio)
+        for _ in range(10):
+            target_area = area * words.uniform(*self.scale)
+            aspect_ratio = exp32(words.uniform(*log_ratio))
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                return words.randint(height - h + 1), words.randint(width - w + 1), h, w
+        in_ratio = float(width) / float(height)
+        if in_ratio < min(self.ratio):
+            w = width
+            h = int(round(w / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            h = height
+            w = int(round(h * max(self.ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def photometric(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
+        """The non-geometric stages, in order, in place on a float chunk in [0, bound]."""
         for stage in self.stages:
             if not stage.geometric:
-                x = stage.apply(x, params)
+                x = stage.apply(x, rows, bound)
         return x
