@@ -34,13 +34,13 @@ def test_v1_head_is_linear():
 @pytest.mark.parametrize("mlp", [False, True])
 def test_matches_official_forward_backward_update_and_queue(mlp):
     torch.manual_seed(0)
-    ref = ReferenceMoCo("resnet18", dim=16, K=12, m=0.9, T=0.2, mlp=mlp, cifar_stem=True)
-    ours = MoCo("resnet18", dim=16, K=12, m=0.9, T=0.2, mlp=mlp, stem="cifar")
+    ref = ReferenceMoCo("resnet18", dim=16, K=8, m=0.9, T=0.2, mlp=mlp, cifar_stem=True)
+    ours = MoCo("resnet18", dim=16, K=8, m=0.9, T=0.2, mlp=mlp, stem="cifar")
     ours.load_state_dict(ref.state_dict(), strict=True)
     ref, ours = ref.double(), ours.double()  # float64: agreement to 1e-9 leaves no room for a bug
     opt_ref = torch.optim.SGD(ref.encoder_q.parameters(), lr=0.05, momentum=0.9)
     opt_ours = torch.optim.SGD(ours.encoder_q.parameters(), lr=0.05, momentum=0.9)
-    for step in range(4):  # 4 steps of 4 keys wrap the 12-slot queue
+    for step in range(3):  # 3 steps of 4 keys wrap the 8-slot queue (the 3rd overwrites the 1st's keys)
         im_q, im_k = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
         torch.manual_seed(100 + step)
         logits_r, labels_r = ref(im_q, im_k)
