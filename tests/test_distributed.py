@@ -1,7 +1,11 @@
 """A real 2-process torch.distributed (gloo) MoCo step, checked against a single-process emulation."""
+import atexit
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -29,7 +33,26 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _worker(rank: int, init_file: str, out: str) -> None:
+    """Both generations' step in one process group (one spawn of 2 interpreters, not two): MoCo v1/v2's
+    here, MoCo v3's from test_moco_v3_distributed.py."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    _v1_step(rank, out)
+    from test_moco_v3_distributed import v3_step
+    v3_step(rank, f"{out}.v3")
+    dist.destroy_process_group()
+
+
+@functools.lru_cache(maxsize=None)
+def two_process_steps() -> str:
+    """Spawn the 2 ranks once per test session; the prefix of their result files (``.{rank}``, ``.v3.{rank}``)."""
+    tmp = tempfile.mkdtemp(prefix="mocohub-gloo-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    out = os.path.join(tmp, "result")
+    mp.start_processes(_worker, args=(os.path.join(tmp, "init"), out), nprocs=WORLD, join=True, start_method="spawn")
+    return out
+
+
+def _v1_step(rank: int, out: str) -> None:
     model = _model()
     net = DistributedDataParallel(model)
     im_q, im_k = _inputs()
@@ -41,7 +64,6 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     torch.save({"logits": logits.detach(), "labels": labels, "loss": loss.detach(),
                 "grads": {n: p.grad for n, p in model.encoder_q.named_parameters()},
                 "state": model.state_dict()}, f"{out}.{rank}")
-    dist.destroy_process_group()
 
 
 def _emulate() -> dict:
@@ -72,9 +94,8 @@ def _emulate() -> dict:
             "encoder_q": {n: p.detach() for n, p in model.encoder_q.named_parameters()}}
 
 
-def test_two_process_step_matches_emulation(tmp_path):
-    out = str(tmp_path / "result")
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), out), nprocs=WORLD, join=True, start_method="spawn")
+def test_two_process_step_matches_emulation():
+    out = two_process_steps()
     expected = _emulate()
     results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
     for r, got in enumerate(results):
@@ -94,8 +115,8 @@ def test_torchrun_trains_with_two_processes(tmp_path):
     train_dir, _ = make_dataset(tmp_path / "data", train_per_class=2, val_per_class=0, size=16)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mocohub",
-           "train", str(train_dir), "--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "24",
-           "--epochs", "1", "--workers", "0", "--no-progress", "--out", str(run)]
+           "train", str(train_dir), "--recipe", "cifar", "--arch", "test_resnet", "--image-size", "16", "--batch-size",
+           "8", "--moco-k", "24", "--epochs", "1", "--workers", "0", "--no-progress", "--out", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,13 +4,11 @@ Without SyncBatchNorm: torch's SyncBatchNorm refuses CPU tensors, so each rank n
 batch here (as the official code would without SyncBN); the gathered keys, rank-offset labels and
 averaged gradients are what this checks."""
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from mocohub import MoCoV3
-from test_distributed import PER_RANK, WORLD, _inputs
+from test_distributed import PER_RANK, WORLD, _inputs, two_process_steps
 
 M, T = 0.9, 0.5
 
@@ -20,8 +18,8 @@ def _model() -> MoCoV3:
     return MoCoV3("resnet18", dim=8, mlp_dim=16, T=T, stem="cifar")
 
 
-def _worker(rank: int, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def v3_step(rank: int, out: str) -> None:
+    """Rank ``rank``'s step, in the process group test_distributed.py's spawn set up."""
     model = _model()
     x1, x2 = _inputs()
     mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
@@ -31,7 +29,6 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     torch.save({"loss": loss.detach(), "logits": logits.detach(), "labels": labels,
                 "grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
                 "momentum": {n: p for n, p in model.momentum_encoder.named_parameters()}}, f"{out}.{rank}")
-    dist.destroy_process_group()
 
 
 def _emulate() -> dict:
@@ -55,9 +52,8 @@ def _emulate() -> dict:
             "momentum": dict(model.momentum_encoder.named_parameters())}
 
 
-def test_two_process_v3_step_matches_emulation(tmp_path):
-    out = str(tmp_path / "result")
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), out), nprocs=WORLD, join=True, start_method="spawn")
+def test_two_process_v3_step_matches_emulation():
+    out = f"{two_process_steps()}.v3"
     expected = _emulate()
     for r in range(WORLD):
         got = torch.load(f"{out}.{r}", weights_only=True)
