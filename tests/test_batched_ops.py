@@ -164,13 +164,36 @@ def test_jitter_applies_each_samples_own_order(images, bound):
     factors = torch.stack([_factors(0.6, 1.4, 3)[:4], _factors(0.6, 1.4, 4)[:4], _factors(0.6, 1.4, 5)[:4],
                            _factors(-0.1, 0.1, 6)[:4]], 1).repeat(2, 1)[:N]
     on = torch.tensor([True, True, True, True, False, True])
-    out = jitter.apply(images.clone() * bound, _rows(on, order, factors), bound) / bound
+    rows = _rows(on, order, factors)
+    out = jitter.apply(images.clone() * bound, rows, bound) / bound
+    # one image at a time: runs of blends merged into one (every factor but a run's last <= 1)
+    singles = torch.cat([jitter.apply(images[i:i + 1].clone() * bound, rows[i:i + 1], bound) for i in range(N)]) / bound
     refs = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for i in range(N):
         expected = images[i]
         for op_id in order[i].tolist() if on[i] else []:
             expected = refs[op_id](expected, float(factors[i, op_id]))
         assert (out[i] - expected).abs().max() <= TOL
+        assert (singles[i] - expected).abs().max() <= TOL
+
+
+def test_merged_blend_runs_match_torchvision():
+    """Every order of brightness, contrast and saturation, factors on both sides of 1."""
+    import itertools
+    x = torch.rand(1, 3, 10, 12, generator=torch.Generator().manual_seed(4))
+    jitter = ColorJitter(0.4, 0.4, 0.4, 0.0)
+    refs = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for k, order in enumerate(itertools.permutations(range(3))):
+        for factors in ([0.7, 0.8, 0.9, 0.0], [1.3, 0.7, 1.2, 0.0], [0.65, 1.35, 0.75, 0.0]):
+            row = list(NEUTRAL)
+            row[SLOTS["jitter"]] = 1.0
+            row[SLOTS["jitter_order"]] = [float(o) for o in (*order, 3)]
+            row[SLOTS["jitter_factors"]] = factors
+            expected = x[0]
+            for op in order:
+                expected = refs[op](expected, factors[op])
+            out = jitter.apply(x.clone() * 255, [row], 255.0)[0] / 255
+            assert (out - expected).abs().max() <= TOL, (order, factors)
 
 
 def test_crop_and_flip_match_torchvision():

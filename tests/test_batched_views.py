@@ -283,3 +283,57 @@ def test_augment_equals_torchvision_op_by_op_in_every_chunking(name, chunk_bytes
     assert q2.is_contiguous(memory_format=torch.channels_last)
     # a chunk's blur keeps the taps any of its samples needs: chunkings differ by skipped taps (< 1e-4 of the range)
     assert (q2 - q).abs().max() <= 1e-3 and (k2 - k).abs().max() <= 1e-3
+
+
+def test_batched_resized_crop_equals_torchvision():
+    """Float resize weights built for all boxes at once: torchvision's float resized_crop, and its
+    uint8 one (which rounds) within 1/255; flips folded into the weights."""
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[0, 0, 32, 32], [3, 5, 20, 25], [10, 2, 9, 30], [0, 0, 5, 5], [1, 1, 31, 28]])
+    flips = [False, True, False, True, False]
+    for size in (24, 32):  # boxes larger than the output (matrix products) or not (grid_sample)
+        out = B.batched_resized_crop(images, boxes, flips, size)
+        for dtype, tol in ((torch.float32, 2e-3), (torch.uint8, 1.0)):
+            ref = torch.stack([TF.resized_crop(im.to(dtype), *b.tolist(), [size, size], antialias=True).float()
+                               for im, b in zip(images, boxes)])
+            ref = torch.stack([r.flip(-1) if f else r for r, f in zip(ref, flips)])
+            assert (out - ref).abs().max() <= tol
+
+
+def test_images_of_the_output_size_are_cropped_in_the_batch():
+    """A 32 px image for a 32 px view ships as it is (crop box pending); a batch mixing such
+    images with larger ones augments each exactly as the per-image loader crop would."""
+    views = BatchedTwoViews("cifar", 32)
+    small, large = _noise(32, 32, seed=1), _noise(40, 36, seed=2)
+    torch.manual_seed(3)
+    shipped = views(small)
+    assert shipped.boxes[:, 0].tolist() == [1, 1] and torch.equal(shipped.crops[0], small)
+    items = []
+    for seed, image in enumerate([small, large, small, small, large]):
+        torch.manual_seed(seed)
+        items.append(views(image))
+    batch = default_collate(items)
+    q, k = views.augment(batch)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in recipe("cifar").normalize)
+    for j, item in enumerate(items):
+        for i, out in enumerate((q[j], k[j])):
+            pending, *box = item.boxes[i].tolist()
+            crop = item.crops[i]
+            if pending:  # the float crop (torchvision's float resized_crop: not rounded to uint8)
+                crop = B.batched_resized_crop(crop.unsqueeze(0), torch.tensor([box]),
+                                              [bool(item.params[i, V.SLOTS["flip"]] > 0.5)], 32)[0]
+            ref = _reference_view(views.views[i], crop, item.view_params(i))
+            assert (out * std + mean - ref).abs().max() <= 2 / 255
+
+
+def test_views_of_output_size_images_through_loader_workers(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    for i in range(8):
+        Image.effect_noise((16, 16), 40 + i).convert("RGB").save(root / f"{i}.png")
+    ds = ImageFolder(root, BatchedTwoViews("cifar", 16), seed=1, cache_images="on")
+    runs = [list(DataLoader(ds, batch_size=4, num_workers=w, collate_fn=collate_images)) for w in (0, 2)]
+    for a, b in zip(*runs):
+        assert bool((a.images.boxes[..., 0] == 1).all())
+        assert torch.equal(a.images.crops, b.images.crops) and torch.equal(a.images.boxes, b.images.boxes)
+        assert all(torch.equal(x, y) for x, y in zip(ds.transform.augment(a.images), ds.transform.augment(b.images)))

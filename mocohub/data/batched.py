@@ -37,15 +37,75 @@ class ViewCrops(NamedTuple):
 
     ``crops``: uint8 (2, 3, S, S) per image, (N, 2, 3, S, S) per batch (query view first);
     ``params``: both views' parameter rows, float (2, NUM_PARAMS) per image, (N, 2, NUM_PARAMS)
-    per batch (``views.SLOTS`` names the columns; ``view_params`` gives them by name).
+    per batch (``views.SLOTS`` names the columns; ``view_params`` gives them by name);
+    ``boxes``: int64 (2, 5) per image, (N, 2, 5) per batch: (pending, top, left, height, width),
+    each view's crop box; ``pending`` 1 where the loader left the crop and flip to ``augment``
+    (an image already of the output size is shipped as it is, in both slots: the batch stage
+    crops and resizes all such images at once), 0 where ``crops`` holds the finished crop.
     """
 
     crops: torch.Tensor
     params: torch.Tensor
+    boxes: torch.Tensor
 
     def view_params(self, view: int) -> Params:
         """View ``view``'s parameters by name (``views.unpack``), with the batch axis if any."""
         return unpack(self.params[..., view, :])
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, source: int) -> torch.Tensor:
+    """(n, size, source) matrices M with ``M @ column`` = the antialiased bilinear resize
+    (``F.interpolate(..., antialias=True)``, align_corners False) of the ``length`` source pixels
+    from ``start`` to ``size`` pixels: PyTorch's own triangle filter, its support widened by the
+    scale when shrinking, normalised over the pixels inside the box."""
+    start, length = start.float().view(-1, 1, 1), length.float().view(-1, 1, 1)
+    scale = length / size
+    inverse = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))
+    local = torch.arange(source, dtype=torch.float32).view(1, 1, -1) - start  # index inside the box
+    local = local.masked_fill((local < 0) | (local >= length), float("inf"))  # outside: weight 0
+    center = scale * (torch.arange(size, dtype=torch.float32).view(1, -1, 1) + 0.5) - 0.5
+    weights = torch.sub(local, center).mul_(inverse).abs_().neg_().add_(1).clamp_(min=0)
+    return weights.div_(weights.sum(-1, keepdim=True))
+
+
+def batched_resized_crop(images: torch.Tensor, boxes: torch.Tensor, flips: Sequence[bool], size: int) -> torch.Tensor:
+    """Each image's box (top, left, height, width) resized to ``size`` (antialiased bilinear,
+    torchvision's ``resized_crop``) and flipped where ``flips`` says, as float in the images'
+    range, not rounded: two batched matrix products, the flip folded into the column weights."""
+    boxes = boxes.to("cpu", torch.int64)
+    if bool((boxes[:, 2:] <= size).all()):
+        return _upsampled_crop(images, boxes, flips, size)
+    rows = resize_weights(boxes[:, 0], boxes[:, 2], size, images.shape[-2])
+    cols = resize_weights(boxes[:, 1], boxes[:, 3], size, images.shape[-1])
+    flip = torch.tensor(list(flips), dtype=torch.bool)
+    if bool(flip.any()):
+        cols[flip] = cols[flip].flip(1)
+    rows, cols = rows.to(images.device), cols.to(images.device)
+    n, c, h, w = images.shape
+    # one matrix per sample and pass: (C*H, W) @ (W, S), then (S, H) @ (H, C*S)
+    wide = torch.bmm(images.float().view(n, c * h, w), cols.transpose(1, 2))
+    tall = wide.view(n, c, h, size).transpose(1, 2).reshape(n, h, c * size)
+    return torch.bmm(rows, tall).view(n, size, c, size).transpose(1, 2).contiguous()
+
+
+def _upsampled_crop(images: torch.Tensor, boxes: torch.Tensor, flips: Sequence[bool], size: int) -> torch.Tensor:
+    """``batched_resized_crop`` of boxes no larger than ``size``: antialiasing then changes
+    nothing, and the resize is bilinear interpolation at ``scale * (i + 0.5) - 0.5`` clamped to
+    the box (the filter's weights renormalised inside it), one ``grid_sample`` for the batch."""
+    n, _, h, w = images.shape
+    steps = torch.arange(size, dtype=torch.float32) + 0.5
+
+    def coords(start: torch.Tensor, length: torch.Tensor, extent: int) -> torch.Tensor:
+        start, length = start.float().view(-1, 1), length.float().view(-1, 1)
+        pixel = torch.minimum((length / size * steps - 0.5).clamp_(min=0), length - 1) + start
+        return (2 * pixel + 1) / extent - 1  # align_corners=False normalisation
+
+    ys, xs = coords(boxes[:, 0], boxes[:, 2], h), coords(boxes[:, 1], boxes[:, 3], w)
+    flip = torch.tensor(list(flips), dtype=torch.bool)
+    xs[flip] = xs[flip].flip(1)
+    grid = torch.stack([xs.view(n, 1, size).expand(n, size, size), ys.view(n, size, 1).expand(n, size, size)], -1)
+    return F.grid_sample(images.float(), grid.to(images.device), mode="bilinear", padding_mode="border",
+                         align_corners=False)
 
 
 def _interpolate(box: torch.Tensor, size: int) -> torch.Tensor:
@@ -77,7 +137,8 @@ def resized_crop(image: torch.Tensor, top: int, left: int, height: int, width: i
     box = image[:, top:top + height, left:left + width]
     if height == size and width == size:
         return box
-    return _resize(box.unsqueeze(0), size)[0]
+    # the uint8 kernel's fast path wants the box itself channels-last contiguous (not a window of a larger image)
+    return _resize(box.unsqueeze(0).contiguous(memory_format=torch.channels_last), size)[0]
 
 
 def _hue_position(row: list, first: int) -> int:
@@ -129,12 +190,16 @@ class BatchedTwoViews:
     def __call__(self, image: Image.Image | torch.Tensor) -> ViewCrops:
         image = pil_to_uint8(image)
         boxes, rows = self._draw(image.shape[1], image.shape[2])
+        sizes = {view.size for view in self.views}
+        if sizes == {image.shape[1]} and image.shape[1] == image.shape[2]:  # crop and flip in the batch
+            return ViewCrops(image.unsqueeze(0).expand(2, -1, -1, -1), torch.tensor(rows),
+                             torch.tensor([(1, *box) for box in boxes]))
         flip = SLOTS["flip"]
         crops = []
         for view, box, row in zip(self.views, boxes, rows):
             crop = resized_crop(image, *box, view.size)
             crops.append(crop.flip(-1) if row[flip] > 0.5 else crop)
-        return ViewCrops(torch.stack(crops), torch.tensor(rows))
+        return ViewCrops(torch.stack(crops), torch.tensor(rows), torch.tensor([(0, *box) for box in boxes]))
 
     def augment(self, batch: ViewCrops, device: torch.device | str | None = None, *,
                 channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,21 +209,39 @@ class BatchedTwoViews:
         n, _, c, h, w = crops.shape
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         params = batch.params.detach().to("cpu", torch.float32)
+        boxes = batch.boxes.detach().to("cpu", torch.int64)
         scale = torch.tensor([1 / (BOUND * s) for s in self.std], device=crops.device).view(1, 3, 1, 1)
         shift = torch.tensor([m * BOUND for m in self.mean], device=crops.device).view(1, 3, 1, 1)
         outs = []
         for i, view in enumerate(self.views):
+            source = self._pending_crops(crops[:, i], boxes[:, i], params[:, i, SLOTS["flip"]], view.size)
             out = torch.empty(n, c, h, w, device=crops.device).contiguous(memory_format=fmt)
             for idx, rows in self._chunks(params[:, i].tolist(), crops.is_cuda, c * h * w * 4):
                 if isinstance(idx, slice):  # consecutive samples: read and write them in place
-                    x = view.photometric(crops[idx, i].float(), rows, BOUND)
+                    x = view.photometric(source[idx].float(), rows, BOUND)
                     torch.sub(x, shift, out=out[idx]).mul_(scale)
                 else:
                     picked = torch.tensor(idx, device=crops.device)
-                    x = view.photometric(crops[:, i].index_select(0, picked).float(), rows, BOUND)
+                    x = view.photometric(source.index_select(0, picked).float(), rows, BOUND)
                     out.index_copy_(0, picked, x.sub_(shift).mul_(scale))
             outs.append(out)
         return outs[0], outs[1]
+
+    @staticmethod
+    def _pending_crops(crops: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+        """The view's crops: as they came (uint8), or, where the loader left the crop to the
+        batch, all those cropped, resized and flipped at once (float; the rest converted)."""
+        pending = boxes[:, 0] > 0
+        if not bool(pending.any()):
+            return crops
+        flips = (flips > 0.5).tolist()
+        if bool(pending.all()):
+            return batched_resized_crop(crops, boxes[:, 1:], flips, size)
+        idx = pending.nonzero().squeeze(1)
+        done = crops.float()
+        picked = idx.to(crops.device)
+        done[picked] = batched_resized_crop(crops[picked], boxes[idx, 1:], [flips[j] for j in idx.tolist()], size)
+        return done
 
     @staticmethod
     def _chunks(rows: list[list[float]], whole: bool, image_bytes: int):

@@ -23,7 +23,8 @@ def pil_to_uint8(image: Image.Image | torch.Tensor) -> torch.Tensor:
     the antialiased uint8 resize is fastest on). Tensors pass through."""
     if isinstance(image, torch.Tensor):
         return image
-    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def uint8_to_pil(image: torch.Tensor) -> Image.Image:

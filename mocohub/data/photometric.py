@@ -106,10 +106,14 @@ def _blend_one(x: torch.Tensor, alpha: float, beta: float, gamma: float) -> None
             for plane in _planes(x):
                 plane.lerp_(gray, gamma)
         return
-    x.mul_(alpha)
+    if gray is not None and mean is not None:
+        gray.mul_(gamma).add_(mean, alpha=beta)
+        gamma, mean = 1.0, None
     if gray is not None:
         for plane in _planes(x):
-            plane.add_(gray, alpha=gamma)
+            plane.mul_(alpha).add_(gray, alpha=gamma)
+    else:
+        x.mul_(alpha)
     if mean is not None:
         x.add_(mean.mul_(beta))
 
@@ -146,10 +150,12 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     periodic trapezoid equals ``clamp(| |c*t - 5c| - 3c | + mn - c, mn, mx)``.
     """
     n = x.shape[0]
-    mx = x.amax(dim=1, keepdim=True)
-    mn = x.amin(dim=1, keepdim=True)
-    c = mx - mn
     r, g, b = _planes(x)
+    mx = torch.maximum(r, g)  # faster than amax over the channels
+    torch.maximum(mx, b, out=mx)
+    mn = torch.minimum(r, g)
+    torch.minimum(mn, b, out=mn)
+    c = mx - mn
     d = torch.sub(r, g).add_(c, alpha=4)  # where B is the max
     tmp = torch.sub(b, r).add_(c, alpha=2)  # where G is
     mask = torch.eq(g, mx, out=torch.empty_like(mx))  # float masks: boolean ones are slow

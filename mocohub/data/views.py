@@ -196,6 +196,12 @@ class ColorJitter(Stage):
         enabled = [bounds is not None for bounds in self._ranges()]
         first = SLOTS["jitter_order"].start
         factor0 = SLOTS["jitter_factors"].start
+        if len(rows) == 1 and x.device.type == "cpu":
+            row = rows[0]
+            if row[SLOTS["jitter"]] > 0.5:
+                ops = [int(op) for op in row[first:first + 4]]
+                _jitter_one(x, [(op, row[factor0 + op]) for op in ops if enabled[op]], bound)
+            return x
         for position in range(4):
             alpha, beta, gamma, shifts, hue = [], [], [], [], []
             clamp = False
@@ -215,6 +221,36 @@ class ColorJitter(Stage):
             if any(hue):
                 P.apply_where(x, hue, P.adjust_hue, torch.tensor(shifts))
         return x
+
+
+def _jitter_one(x: torch.Tensor, ops: list[tuple[int, float]], bound: float) -> None:
+    """One image's jitter, ops (id, factor) in order, merging runs of blends into one.
+
+    Brightness, contrast and saturation are each ``alpha x + beta mean_luma(x) + gamma luma(x)``
+    then a clamp, and a factor <= 1 never needs the clamp (a blend of values in range, or a
+    darkening). So a run of them whose every op but the last has a factor <= 1 composes into one
+    blend (luma and mean luma of a blend are the same blend of them: the luma weights sum to
+    1 up to 1e-4), clamped once at the end: one pass for the run instead of one per op.
+    """
+    alpha, beta, gamma = 1.0, 0.0, 0.0  # the pending blend of x, not yet applied
+    for op, f in ops:
+        if op == 3:
+            _flush_blend(x, alpha, beta, gamma, bound)
+            alpha, beta, gamma = 1.0, 0.0, 0.0
+            P.adjust_hue(x, [f])
+            continue
+        a, b, g = (f, 0.0, 0.0) if op == 0 else (f, 1 - f, 0.0) if op == 1 else (f, 0.0, 1 - f)
+        alpha, beta, gamma = (a * alpha, a * beta + b * (alpha + beta + gamma) + g * beta,
+                              a * gamma + g * (alpha + gamma))
+        if f > 1.0:  # the result may leave the range: clamp it before anything else
+            _flush_blend(x, alpha, beta, gamma, bound, clamp=True)
+            alpha, beta, gamma = 1.0, 0.0, 0.0
+    _flush_blend(x, alpha, beta, gamma, bound)
+
+
+def _flush_blend(x: torch.Tensor, alpha: float, beta: float, gamma: float, bound: float, clamp: bool = False) -> None:
+    if alpha != 1.0 or beta or gamma:
+        P.blend(x, [alpha], [beta], [gamma], bound=bound, clamp=clamp)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
