@@ -1,7 +1,9 @@
 """The Hugging Face Hub door against a loopback stand-in of the Hub API (REFERENCE.md section 5).
 
 huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, at import, so each client runs in a
-fresh interpreter with its environment set.
+fresh interpreter with its environment set: one online client does the three tests' loads and pushes
+against one server (each part's traceback, if any, kept for its test), then one offline client reads
+the cache it left.
 """
 from __future__ import annotations
 
@@ -51,22 +53,43 @@ def _perturbed(state_dict: dict, tmp_path: Path) -> bytes:
     return (tmp_path / "p.safetensors").read_bytes()
 
 
-@pytest.fixture
-def export(tmp_path):
-    """A mocohub export (save_pretrained) of a synthetic MoCo v2 resnet18, and its reference output."""
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A mocohub export (save_pretrained) of a synthetic MoCo v2 resnet18, its checkpoint, and its reference output."""
+    tmp_path = tmp_path_factory.mktemp("export")
     torch.save(moco_v1v2("resnet18"), tmp_path / "v2.pth.tar")
     model = mocohub.from_pretrained(tmp_path / "v2.pth.tar")
     mocohub.save_pretrained(model, tmp_path / "export", repo_id="org/moco-r18")
-    return tmp_path / "export", features(model)
+    return tmp_path / "export", tmp_path / "v2.pth.tar", features(model)
 
 
-def test_hub_repo_loads_in_mocohub_and_timm_then_offline(tmp_path, export):
-    folder, expected = export
-    with HubServer() as hub:
-        first = hub.add_folder("org/moco-r18", folder)
-        state_dict, _ = read_pretrained_dir(folder)
-        hub.commit("org/moco-r18", {"model.safetensors": _perturbed(state_dict, tmp_path)})
-        results = run_client(f"""
+def _part(name: str, code: str) -> str:
+    """``code`` as one test's part of a client script: a failure is recorded under ``name``, not raised."""
+    body = "".join(f"    {line}\n" for line in code.strip().splitlines())
+    return f"try:\n{body}except Exception:\n    import traceback\n    results[{name + '_error'!r}] = traceback.format_exc()\n"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, export):
+    """One loopback Hub and the clients' results: org/moco-r18 with two commits (main moved on),
+    org/moving whose branch moves while a client loads it, org/pushed and org/converted pushed by a
+    client; then the same cache read offline."""
+    folder, checkpoint, _ = export
+    tmp_path = tmp_path_factory.mktemp("hub")
+    state_dict, config = read_pretrained_dir(folder)
+    with HubServer() as server:
+        first = server.add_folder("org/moco-r18", folder)
+        server.commit("org/moco-r18", {"model.safetensors": _perturbed(state_dict, tmp_path)})
+        moving_first = server.add_folder("org/moving", folder)
+        moved = {"model.safetensors": _perturbed(state_dict, tmp_path),
+                 "config.json": json.dumps({**config, "mocohub": {**config["mocohub"], "commit": "second"}}).encode()}
+
+        def push_once(repo_id: str, path: str) -> None:  # a push landing between the client's two downloads
+            if repo_id == "org/moving" and server.repos[repo_id]["refs"]["main"] == moving_first:
+                server.commit(repo_id, moved)
+
+        server.after_download = push_once
+        online = run_client(_part("loads", f"""
 results["mocohub"] = out(mocohub.from_pretrained("hf-hub:org/moco-r18"))
 results["timm"] = out(timm.create_model("hf-hub:org/moco-r18", pretrained=True))
 results["pinned"] = out(mocohub.from_pretrained("hf-hub:org/moco-r18@{first}"))
@@ -74,65 +97,66 @@ try:
     mocohub.from_pretrained("hf-hub:org/missing")
 except mocohub.MocohubError as e:
     results["missing"] = str(e)
-""", tmp_path, HF_ENDPOINT=hub.url)
-    assert torch.equal(results["mocohub"], results["timm"])
-    assert not torch.equal(results["mocohub"], expected)  # main moved on to the second commit
-    assert torch.equal(results["pinned"], expected)
-    assert "org/missing" in results["missing"] and "not found" in results["missing"]
-    # the server is gone: offline mode answers from the cache
-    offline = run_client("""
-results["main"] = out(mocohub.from_pretrained("hf-hub:org/moco-r18"))
-results["timm"] = out(timm.create_model("hf-hub:org/moco-r18", pretrained=True))
-try:
-    mocohub.from_pretrained("hf-hub:org/never-fetched")
-except mocohub.MocohubError as e:
-    results["uncached"] = str(e)
-""", tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="1")
-    assert torch.equal(offline["main"], results["mocohub"]) and torch.equal(offline["timm"], results["timm"])
-    assert "not in the local Hub cache" in offline["uncached"]
-
-
-def test_push_to_hub_and_convert_push_round_trip(tmp_path, export):
-    folder, expected = export
-    checkpoint = tmp_path / "v2.pth.tar"
-    with HubServer() as hub:
-        results = run_client(f"""
+""") + _part("push", f"""
 model = mocohub.from_pretrained({str(folder)!r})
 results["url"] = mocohub.push_to_hub(model, "org/pushed")
 results["pushed"] = out(mocohub.from_pretrained("hf-hub:org/pushed"))
 from mocohub.cli.main import main
 results["rc"] = main(["convert", {str(checkpoint)!r}, {str(tmp_path / "converted")!r}, "--push", "org/converted"])
 results["converted"] = out(mocohub.from_pretrained("hf-hub:org/converted"))
-results["timm"] = out(timm.create_model("hf-hub:org/converted", pretrained=True))
-""", tmp_path, HF_ENDPOINT=hub.url)
-        card = hub.repos["org/converted"]["commits"][hub.repos["org/converted"]["refs"]["main"]]["README.md"]
-        config = json.loads(hub.repos["org/pushed"]["commits"][hub.repos["org/pushed"]["refs"]["main"]]["config.json"])
-    assert results["url"].startswith(f"{hub.url}/org/pushed/commit/") and results["rc"] == 0
-    for key in ("pushed", "converted", "timm"):
+results["converted_timm"] = out(timm.create_model("hf-hub:org/converted", pretrained=True))
+""") + _part("moving", """
+model = mocohub.from_pretrained("hf-hub:org/moving")
+results["moving_out"] = out(model)
+results["moving_commit"] = model.mocohub_config["mocohub"].get("commit", "first")
+"""), tmp_path, HF_ENDPOINT=server.url)
+        online["moved"] = server.repos["org/moving"]["refs"]["main"] != moving_first
+        if "org/converted" in server.repos and "org/pushed" in server.repos:
+            online["card"] = server.repos["org/converted"]["commits"][server.repos["org/converted"]["refs"]["main"]]["README.md"]
+            online["config"] = json.loads(
+                server.repos["org/pushed"]["commits"][server.repos["org/pushed"]["refs"]["main"]]["config.json"])
+        online["server_url"] = server.url
+        # offline mode answers from the cache the online client left
+        offline = run_client("""
+results["main"] = out(mocohub.from_pretrained("hf-hub:org/moco-r18"))
+results["timm"] = out(timm.create_model("hf-hub:org/moco-r18", pretrained=True))
+try:
+    mocohub.from_pretrained("hf-hub:org/never-fetched")
+except mocohub.MocohubError as e:
+    results["uncached"] = str(e)
+""", tmp_path, HF_ENDPOINT=server.url, HF_HUB_OFFLINE="1")
+    return online, offline
+
+
+def test_hub_repo_loads_in_mocohub_and_timm_then_offline(export, hub):
+    _, _, expected = export
+    results, offline = hub
+    assert "loads_error" not in results, results.get("loads_error")
+    assert torch.equal(results["mocohub"], results["timm"])
+    assert not torch.equal(results["mocohub"], expected)  # main moved on to the second commit
+    assert torch.equal(results["pinned"], expected)
+    assert "org/missing" in results["missing"] and "not found" in results["missing"]
+    assert torch.equal(offline["main"], results["mocohub"]) and torch.equal(offline["timm"], results["timm"])
+    assert "not in the local Hub cache" in offline["uncached"]
+
+
+def test_push_to_hub_and_convert_push_round_trip(export, hub):
+    _, _, expected = export
+    results, _ = hub
+    assert "push_error" not in results, results.get("push_error")
+    assert results["url"].startswith(f"{results['server_url']}/org/pushed/commit/") and results["rc"] == 0
+    for key in ("pushed", "converted", "converted_timm"):
         assert torch.equal(results[key], expected), key
+    card = results["card"]
     assert b'hf-hub:org/converted' in card and not HubServer.validate_card(card.decode())
-    assert config["architecture"] == "resnet18" and config["num_classes"] == 0
+    assert results["config"]["architecture"] == "resnet18" and results["config"]["num_classes"] == 0
 
 
-def test_config_and_weights_come_from_one_commit_while_the_branch_moves(tmp_path, export):
+def test_config_and_weights_come_from_one_commit_while_the_branch_moves(export, hub):
     """A push landing between the client's two downloads must not pair one commit's config with
     another's weights."""
-    folder, expected = export
-    state_dict, config = read_pretrained_dir(folder)
-    moved = {"model.safetensors": _perturbed(state_dict, tmp_path),
-             "config.json": json.dumps({**config, "mocohub": {**config["mocohub"], "commit": "second"}}).encode()}
-    with HubServer() as hub:
-        first = hub.add_folder("org/moving", folder)
-
-        def push_once(repo_id: str, path: str) -> None:
-            if hub.repos[repo_id]["refs"]["main"] == first:
-                hub.commit(repo_id, moved)
-
-        hub.after_download = push_once
-        results = run_client("""
-model = mocohub.from_pretrained("hf-hub:org/moving")
-results["out"] = out(model)
-results["commit"] = model.mocohub_config["mocohub"].get("commit", "first")
-""", tmp_path, HF_ENDPOINT=hub.url)
-        assert hub.repos["org/moving"]["refs"]["main"] != first  # the branch did move mid-load
-    assert results["commit"] == "first" and torch.equal(results["out"], expected)
+    _, _, expected = export
+    results, _ = hub
+    assert "moving_error" not in results, results.get("moving_error")
+    assert results["moved"]  # the branch did move mid-load
+    assert results["moving_commit"] == "first" and torch.equal(results["moving_out"], expected)
