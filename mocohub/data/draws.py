@@ -35,18 +35,27 @@ def f32(value: float) -> float:
     return _unpack(_pack(value))[0]
 
 
+_U = np.uint64  # numpy scalars as operands: Python ints would be converted at every operation
+_UPPER, _LOWER, _MATRIX, _ONE = _U(0x80000000), _U(0x7FFFFFFF), _U(0x9908B0DF), _U(1)
+_B, _C = _U(0x9D2C5680), _U(0xEFC60000)
+_S1, _S7, _S11, _S15, _S18 = _U(1), _U(7), _U(11), _U(15), _U(18)
+
+
 def _temper(y: np.ndarray) -> np.ndarray:
-    y = y ^ (y >> 11)
-    y = y ^ ((y << 7) & 0x9D2C5680)
-    y = y ^ ((y << 15) & 0xEFC60000)
-    return y ^ (y >> 18)
+    y = y ^ (y >> _S11)
+    y ^= (y << _S7) & _B
+    y ^= (y << _S15) & _C
+    y ^= y >> _S18
+    return y
 
 
 def _twisted_head(mt: np.ndarray, count: int) -> np.ndarray:
     """The first ``count`` (<= 227) words of the state after MT19937's regeneration of ``mt``:
     word i depends only on the old words i, i + 1 and i + 397 while i < 227."""
-    y = (mt[:count] & 0x80000000) | (mt[1:count + 1] & 0x7FFFFFFF)
-    return mt[_M:_M + count] ^ (y >> 1) ^ ((y & 1) * 0x9908B0DF)
+    y = (mt[:count] & _UPPER) | (mt[1:count + 1] & _LOWER)
+    out = mt[_M:_M + count] ^ (y >> _S1)
+    out ^= (y & _ONE) * _MATRIX
+    return out
 
 
 def _peek(count: int) -> list[int]:
@@ -62,6 +71,9 @@ def _peek(count: int) -> list[int]:
     else:
         ahead = np.concatenate([mt[pos:], _twisted_head(mt, count - (_N - pos))])
     return _temper(ahead).tolist()
+
+
+_LOCAL = threading.local()  # per-thread scratch tensors
 
 
 class Words:
@@ -114,11 +126,12 @@ class Words:
         return order
 
     def commit(self) -> None:
+        """Advance torch's generator past the words used (one 32-bit word per float32 draw)."""
         if self.used:
-            torch.rand(self.used)  # one 32-bit word per float32 draw
-
-
-_LOCAL = threading.local()
+            buffer = getattr(_LOCAL, "advance", None)
+            if buffer is None or len(buffer) < self.used:
+                buffer = _LOCAL.advance = torch.empty(max(256, self.used))
+            buffer[:self.used].uniform_()
 
 
 def exp32(value: float) -> float:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Sequence
 
 import math
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 from PIL import Image, ImageFilter, ImageOps
@@ -37,6 +37,7 @@ SLOTS = {"flip": 0, "jitter": 1, "jitter_order": slice(2, 6), "jitter_factors": 
          "blur_sigma": 11, "solarize": 12}
 NUM_PARAMS = 13
 NEUTRAL = (0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # what a stage a view lacks leaves
+_FLIP, _JITTER, _ORDER, _FACTORS, _GRAY, _SIGMA, _SOLARIZE = 0, 1, slice(2, 6), slice(6, 10), 10, 11, 12
 _FLAGS = ("flip", "jitter", "gray", "solarize")
 
 
@@ -140,7 +141,7 @@ class Flip(Stage):
         return {"flip": torch.tensor(_rand() < self.p)}
 
     def draw(self, words: Words, row: Row) -> None:
-        row[SLOTS["flip"]] = float(words.rand() < self.p)
+        row[_FLIP] = float(words.rand() < self.p)
 
 
 @dataclass(frozen=True)
@@ -177,16 +178,17 @@ class ColorJitter(Stage):
                     factors[i] = torch.empty(1).uniform_(*bounds).item()
         return {"jitter": torch.tensor(on), "jitter_order": order, "jitter_factors": factors}
 
+    @cached_property
+    def _bounds(self) -> list[tuple[int, float, float]]:
+        return [(i, *bounds) for i, bounds in enumerate(self._ranges()) if bounds is not None]
+
     def draw(self, words: Words, row: Row) -> None:
         if self.p is not None and self.p < words.rand():
             return
-        row[SLOTS["jitter"]] = 1.0
-        row[SLOTS["jitter_order"]] = [float(i) for i in words.randperm4()]
-        factors = list(self.NEUTRAL)
-        for i, bounds in enumerate(self._ranges()):
-            if bounds is not None:
-                factors[i] = words.uniform(*bounds)
-        row[SLOTS["jitter_factors"]] = factors
+        row[_JITTER] = 1.0
+        row[_ORDER] = words.randperm4()
+        for i, low, high in self._bounds:
+            row[_FACTORS.start + i] = words.uniform(low, high)
 
     def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
         """At each of the 4 positions, each sample runs the op its order puts there. Brightness,
@@ -271,7 +273,7 @@ class Grayscale(Stage):
         return {"gray": torch.tensor(_rand() < self.p)}
 
     def draw(self, words: Words, row: Row) -> None:
-        row[SLOTS["gray"]] = float(words.rand() < self.p)
+        row[_GRAY] = float(words.rand() < self.p)
 
     def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
         return P.apply_where(x, [g > 0.5 for g in _column(rows, "gray")], _gray)
@@ -299,7 +301,7 @@ class Blur(Stage):
 
     def draw(self, words: Words, row: Row) -> None:
         if not self.p < words.rand():
-            row[SLOTS["blur_sigma"]] = words.uniform(*self.sigma)
+            row[_SIGMA] = words.uniform(*self.sigma)
 
     def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
         sigma = _column(rows, "blur_sigma")
@@ -318,7 +320,7 @@ class Solarize(Stage):
         return {"solarize": torch.tensor(_applied(self.p))}
 
     def draw(self, words: Words, row: Row) -> None:
-        row[SLOTS["solarize"]] = float(not self.p < words.rand())
+        row[_SOLARIZE] = float(not self.p < words.rand())
 
     def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
         return P.apply_where(x, [s > 0.5 for s in _column(rows, "solarize")],
