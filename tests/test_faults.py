@@ -107,13 +107,23 @@ def tmpfs(tmp_path):
 
 
 # -- SIGKILL -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> Path:
-    """An uninterrupted 2-epoch run with the kNN monitor."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    done = subprocess.run(train_command(*data, run, 2), capture_output=True, text=True, env=ENV, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return run
+@pytest.fixture
+def reference(data, tmp_path):
+    """An uninterrupted 2-epoch run with the kNN monitor, started now and trained beside the test (one
+    thread each, on a second core where there is one); calling it waits for the run and gives its folder."""
+    run = tmp_path / "reference"
+    proc = subprocess.Popen(train_command(*data, run, 2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+
+    def finished() -> Path:
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 0, err
+        return run
+
+    yield finished
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
 
 def test_sigkill_mid_checkpoint_mid_knn_and_at_random_resumes_to_the_same_weights_and_rows(data, reference, tmp_path):
@@ -125,7 +135,7 @@ def test_sigkill_mid_checkpoint_mid_knn_and_at_random_resumes_to_the_same_weight
     out = killed_run(train_command(*data, run, 2), run, faults, tmp_path / "seen", timeout=120)
     assert out.kills[:2] == ["checkpoint write", "kNN / metrics row pending (hit)"], out.kills
     assert out.final_rc == 0 and out.unreadable == [] and out.checkpoints_seen >= 2
-    assert compare(run, reference) == (True, [])
+    assert compare(run, reference()) == (True, [])
 
 
 def test_an_epochs_metrics_row_is_written_before_its_checkpoint(data, tmp_path, monkeypatch, mocohub_cli):
