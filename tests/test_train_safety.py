@@ -136,8 +136,13 @@ def test_corrupt_checkpoint_names_the_file_and_the_way_out(folders, tmp_path, ca
 def test_a_second_trainer_on_the_same_folder_is_refused_until_the_first_dies(folders, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
+    # mocohub's own RunLock, loaded without the package's __init__ (torch, timm: 3 s of start-up)
+    package = Path(__file__).resolve().parents[1] / "mocohub"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from mocohub.training.run_dir import RunLock; "
+        "import sys, time, types; from pathlib import Path\n"
+        f"for name, path in (('mocohub', {str(package)!r}), ('mocohub.training', {str(package / 'training')!r})):\n"
+        "    sys.modules[name] = types.ModuleType(name); sys.modules[name].__path__ = [path]\n"
+        "from mocohub.training.run_dir import RunLock\n"
         f"lock = RunLock(Path({str(run)!r})); print('locked', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True)
     try:
