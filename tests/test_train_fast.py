@@ -29,36 +29,29 @@ def _steps(run) -> list[dict]:
     return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def avx2_process(data, tmp_path_factory) -> tuple[int, list[str], list[str]]:
+@pytest.fixture(scope="module", autouse=True)
+def avx2_process(data, tmp_path_factory):
     """One process on an emulated AVX2-only CPU (oneDNN's and ATen's ISA caps): two explicit bf16
-    resolutions, then a 1-step training run with auto precision. Its exit code, and its stdout and
-    stderr each split at PART (one process start-up for both tests below)."""
-    run = tmp_path_factory.mktemp("avx2") / "run"
+    resolutions, then a 1-step training run with auto precision (one start-up for the two tests at the
+    end of this file). Started with the module, so it runs beside the tests before them; calling the
+    fixture waits for it: its exit code, and its stdout and stderr each split at PART."""
+    tmp = tmp_path_factory.mktemp("avx2")
     code = ("import sys, warnings; warnings.simplefilter('always'); from mocohub.precision import resolve_precision;"
             "print(resolve_precision('bf16', 'cpu')); print(resolve_precision('bf16', 'cpu'));"
             f"print({PART!r}, flush=True); print({PART!r}, file=sys.stderr, flush=True);"
-            f"from mocohub.cli.main import main; sys.exit(main({['train', str(data), *TINY, '--max-steps', '1', '--out', str(run)]!r}))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **AVX2_ONLY})
-    return proc.returncode, proc.stdout.split(PART), proc.stderr.split(PART)
+            f"from mocohub.cli.main import main; sys.exit(main({['train', str(data), *TINY, '--max-steps', '1', '--out', str(tmp / 'run')]!r}))")
+    with open(tmp / "stdout", "w") as out, open(tmp / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, text=True,
+                                env={**os.environ, **AVX2_ONLY})
 
+    def finished() -> tuple[int, list[str], list[str]]:
+        code = proc.wait(timeout=300)
+        return code, (tmp / "stdout").read_text().split(PART), (tmp / "stderr").read_text().split(PART)
 
-def test_auto_precision_follows_the_hardware_in_the_start_line(avx2_process):
-    """On a CPU without native bf16 auto is fp32 and says why; wherever this runs, auto is bf16
-    exactly when the CPU has native bf16."""
-    code, out, err = avx2_process
-    assert code == 0 and len(out) == len(err) == 2, err[-1][-2000:]
-    assert "precision fp32 (this CPU (AVX2) has no native bf16" in out[1] and "NCHW" in out[1]
-    native, _ = native_bf16("cpu")
-    assert resolve_precision("auto", "cpu")[0] == ("bf16" if native else "fp32")
-    assert resolve_channels_last("auto", "bf16") and not resolve_channels_last("auto", "fp32")
-
-
-def test_explicit_bf16_on_a_cpu_without_it_warns_once(avx2_process):
-    _, out, err = avx2_process
-    assert out[0].count("('bf16', 'as asked')") == 2
-    assert err[0].count("has no native bf16") == 1 and "auto (fp32 here) is faster" in err[0]
+    yield finished
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def test_batched_augmentation_trains_and_resumes_to_equal_losses(data, tmp_path):
@@ -142,3 +135,20 @@ def test_demo_json_prints_one_object_on_stdout(tmp_path, capsys):
     assert result["epochs"] == 1 and result["embedding_shape"] == [4, 512]
     assert result["gain"] == pytest.approx(result["trained_top1"] - result["random_init_top1"], abs=1e-4)
     assert "random init" not in out and "generated 10 classes" in err
+
+
+def test_auto_precision_follows_the_hardware_in_the_start_line(avx2_process):
+    """On a CPU without native bf16 auto is fp32 and says why; wherever this runs, auto is bf16
+    exactly when the CPU has native bf16."""
+    code, out, err = avx2_process()
+    assert code == 0 and len(out) == len(err) == 2, err[-1][-2000:]
+    assert "precision fp32 (this CPU (AVX2) has no native bf16" in out[1] and "NCHW" in out[1]
+    native, _ = native_bf16("cpu")
+    assert resolve_precision("auto", "cpu")[0] == ("bf16" if native else "fp32")
+    assert resolve_channels_last("auto", "bf16") and not resolve_channels_last("auto", "fp32")
+
+
+def test_explicit_bf16_on_a_cpu_without_it_warns_once(avx2_process):
+    _, out, err = avx2_process()
+    assert out[0].count("('bf16', 'as asked')") == 2
+    assert err[0].count("has no native bf16") == 1 and "auto (fp32 here) is faster" in err[0]
