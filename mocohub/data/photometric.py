@@ -59,9 +59,8 @@ def blend(x: torch.Tensor, alpha, beta=None, gamma=None, *, bound: float = 1.0, 
     different one of them to each sample. The factors: (N,) tensors or sequences of floats;
     ``None`` for beta or gamma: zero for every sample (the mean or the luma plane is then not
     computed). ``clamp=False`` when no result can leave [0, bound] (every sample a convex
-    combination, or a brightness factor <= 1). The luma plane is added channel by channel:
-    broadcasting a plane over the channels runs several times slower; and one image on the CPU
-    takes plain floats (``lerp_`` with a float weight: one pass for a blend).
+    combination, or a brightness factor <= 1). One image on the CPU takes plain floats
+    (``lerp_`` with a float weight: one pass for a blend).
     """
     alpha, beta, gamma = _floats(alpha), _floats(beta), _floats(gamma)
     if len(alpha) == 1 and x.device.type == "cpu":
@@ -78,11 +77,8 @@ def blend(x: torch.Tensor, alpha, beta=None, gamma=None, *, bound: float = 1.0, 
         else:
             other.add_(mean)
     x.mul_(_each(alpha, x))  # binary in-place ops: three-operand broadcasts (addcmul) run several times slower
-    if other is not None and other.shape[-1] == 1:  # one value per sample
-        x.add_(other)
-    elif other is not None:
-        for plane in _planes(x):
-            plane.add_(other)
+    if other is not None:
+        x.add_(other)  # a value or a plane per sample, broadcast over the channels
     return x.clamp_(0, bound) if clamp else x
 
 
@@ -100,20 +96,14 @@ def _blend_one(x: torch.Tensor, alpha: float, beta: float, gamma: float) -> None
     mean = _mean_luma(x) if beta else None
     gray = grayscale(x) if gamma else None
     if abs(alpha + beta + gamma - 1.0) < 1e-6 and (beta == 0.0 or gamma == 0.0):  # contrast or saturation
-        if gray is None:
-            x.lerp_(mean, beta)
-        else:
-            for plane in _planes(x):
-                plane.lerp_(gray, gamma)
+        x.lerp_(mean if gray is None else gray, beta if gray is None else gamma)
         return
     if gray is not None and mean is not None:
         gray.mul_(gamma).add_(mean, alpha=beta)
         gamma, mean = 1.0, None
+    x.mul_(alpha)
     if gray is not None:
-        for plane in _planes(x):
-            plane.mul_(alpha).add_(gray, alpha=gamma)
-    else:
-        x.mul_(alpha)
+        x.add_(gray, alpha=gamma)
     if mean is not None:
         x.add_(mean.mul_(beta))
 
@@ -166,16 +156,12 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     c3 = c.mul_(3)
     shifts = shift.tolist() if isinstance(shift, torch.Tensor) else list(shift)
     a = [[((o + 6 * s - 1) % 6 + 1 - 5) / 3 for o in _OFFSETS] for s in shifts]  # (a_k - 5) / 3 per sample
-    if n > 1:
-        a = torch.tensor(a, dtype=x.dtype).to(x.device).view(n, 3, 1, 1, 1).unbind(1)
-    for k, plane in enumerate((r, g, b)):  # channel by channel: broadcasting planes over channels is slow
-        if n > 1:
-            torch.mul(c3, a[k], out=tmp).add_(d)  # c * t_k - 5c
-        else:
-            torch.add(d, c3, alpha=a[0][k], out=tmp)
-        tmp.abs_().sub_(c3).abs_().add_(low)
-        torch.clamp(tmp, min=mn, max=mx, out=plane)
-    return x
+    a = torch.tensor(a, dtype=x.dtype).to(x.device).view(n, 3, 1, 1)
+    # x's values are no longer needed: all channels at once, in place (binary in-place ops broadcast a
+    # plane over the channels faster than three per-plane calls)
+    torch.mul(c3, a, out=x).add_(d)  # c * t_k - 5c
+    x.abs_().sub_(c3).abs_().add_(low)
+    return torch.clamp(x, min=mn, max=mx, out=x)
 
 
 def solarize(x: torch.Tensor, threshold: float = 128 / 255, *, bound: float = 1.0) -> torch.Tensor:

@@ -256,10 +256,7 @@ def _flush_blend(x: torch.Tensor, alpha: float, beta: float, gamma: float, bound
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    gray = P.grayscale(x)
-    for k in range(3):
-        x[:, k:k + 1].copy_(gray)
-    return x
+    return x.copy_(P.grayscale(x).expand_as(x))
 
 
 @dataclass(frozen=True)
