@@ -26,6 +26,24 @@ def tiny(tmp_path_factory):
     return str(model), make_image_folder(tmp / "train", per_class=6, seed=1), make_image_folder(tmp / "val", per_class=3)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def help_process(tmp_path_factory):
+    """`python examples/faster_rcnn.py --help` as a script, outside the test process: started with the
+    module, so it runs beside the examples before test_examples_document_themselves waits for it."""
+    out = tmp_path_factory.mktemp("help") / "stdout"
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(EXAMPLES / "faster_rcnn.py"), "--help"], stdout=f,
+                                stderr=subprocess.DEVNULL, text=True)
+
+    def finished() -> tuple[int, str]:
+        return proc.wait(timeout=300), out.read_text()
+
+    yield finished
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def _run(name, args):
     return runpy.run_path(str(EXAMPLES / name), run_name="example")["main"](args)
 
@@ -85,9 +103,8 @@ def test_custom_training_loop(tiny, tmp_path):
     torch.testing.assert_close(backbone.state_dict()["conv1.weight"], q1)
 
 
-def test_examples_document_themselves():
+def test_examples_document_themselves(help_process):
     for name in ("finetune_classifier.py", "nearest_neighbours.py", "faster_rcnn.py", "custom_training_loop.py"):
         assert "python examples/" + name in ast.get_docstring(ast.parse((EXAMPLES / name).read_text()))
-    help_text = subprocess.run([sys.executable, str(EXAMPLES / "faster_rcnn.py"), "--help"], capture_output=True,
-                               text=True, check=True).stdout  # runnable as a script, outside the test process
-    assert "--model" in help_text and "SyncBN" in help_text
+    code, help_text = help_process()  # runnable as a script, outside the test process
+    assert code == 0 and "--model" in help_text and "SyncBN" in help_text
