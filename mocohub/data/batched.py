@@ -1,16 +1,19 @@
 """Batched two-view augmentation: per-sample crops in the loader, photometry on whole batches.
 
 The loader worker does only what is per image: decode, draw every parameter of both views from
-the per-sample seeded generator, RandomResizedCrop + flip on the uint8 image. The photometric
-stages (jitter in its random order, grayscale, blur, solarize) and normalisation then run
-vectorised over the collated batch, on the CPU or on the training device.
+the per-sample seeded generator (computed from one read of its state, ``draws.py``),
+RandomResizedCrop + flip on the uint8 image. An image already of the output size (CIFAR at
+32 px) is not even cropped there: its boxes travel with it and ``augment`` crops, resizes and
+flips all such images at once. The photometric stages (jitter in its random order, grayscale,
+blur, solarize) and normalisation then run vectorised over the collated batch, on the CPU or
+on the training device.
 
-On the CPU the batch is processed in chunks small enough for every temporary to stay in the L2
-cache (one image at 224 px, a few dozen at 32 px), in place, in [0, 255] straight from the uint8
-crops (the 1/255 folds into the normalisation). A view's samples are first sorted by where their
-order puts the hue rotation (then by grayscale, blur, solarize), and chunks never mix two hue
-positions: each stage then runs on whole chunks or on a few runs of consecutive samples, with no
-gathering and no per-sample Python loop. On a GPU the whole batch is one chunk.
+On the CPU a view's batch is processed in chunks small enough for the temporaries to stay near
+the L2 cache (one image at 224 px; at 32 px about 2 MB of images, sorted once by where their
+order puts the hue rotation, then grayscale, blur, solarize, and never mixing two hue
+positions, so that each stage runs on the whole chunk or on a few runs of consecutive samples),
+in place, in [0, 255] straight from the uint8 crops (the 1/255 folds into the normalisation).
+On a GPU the whole batch is one chunk.
 """
 from __future__ import annotations
 

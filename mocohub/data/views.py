@@ -154,7 +154,6 @@ class ColorJitter(Stage):
     saturation: float
     hue: float
     p: float | None = None
-    OPS: ClassVar[tuple] = (P.adjust_brightness, P.adjust_contrast, P.adjust_saturation, P.adjust_hue)
     NEUTRAL: ClassVar[tuple] = (1.0, 1.0, 1.0, 0.0)
     max_words: ClassVar[int] = 1 + 3 + 4  # the coin, randperm(4), four factors
 
