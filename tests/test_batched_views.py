@@ -337,3 +337,10 @@ def test_views_of_output_size_images_through_loader_workers(tmp_path):
         assert bool((a.images.boxes[..., 0] == 1).all())
         assert torch.equal(a.images.crops, b.images.crops) and torch.equal(a.images.boxes, b.images.boxes)
         assert all(torch.equal(x, y) for x, y in zip(ds.transform.augment(a.images), ds.transform.augment(b.images)))
+
+
+def test_the_self_check_leaves_the_generators_alone(monkeypatch):
+    seeded = []
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: seeded.append(seed))  # would reseed CUDA's too
+    state = torch.get_rng_state()
+    assert D._self_check() and torch.equal(torch.get_rng_state(), state) and seeded == []
