@@ -3,8 +3,9 @@
 Both start from decoded images in memory (``--jpeg``: from JPEG bytes, decoding included), in one
 process on one thread. The batched pipeline's time is its loader part (crops and parameter draws,
 per image) plus its batch part (collate and photometry on whole batches) on ``--device``.
-The variants run in turns, ``--repeats`` rounds, each timed by the process's CPU time (on a
-machine shared with other jobs, wall time also counts the waits for a core), best round kept.
+The variants take turns batch by batch, ``--repeats`` rounds, timed by the process's CPU time (on
+a machine shared with other jobs, wall time also counts the waits for a core); the best round of
+each is kept.
 
     python benchmarks/bench_augment.py                     # cifar at 32 px and moco-v2 at 224 px
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_augment.py
@@ -52,25 +53,28 @@ def _clock(device: str) -> float:
     return time.perf_counter() if device == "cuda" else time.process_time()
 
 
-def _pil(name: str, size: int, images: list, batch: int, device: str) -> float:
+def _pil(name: str, size: int, device: str):
     views = two_views(name, size)
-    start = _clock(device)
-    for item in images:
-        views(_decode(item))
-    return _clock(device) - start
+
+    def run(images: list) -> float:
+        start = _clock(device)
+        for item in images:
+            views(_decode(item))
+        return _clock(device) - start
+    return run
 
 
-def _batched(name: str, size: int, images: list, batch: int, device: str, tensors: bool = False) -> float:
+def _batched(name: str, size: int, device: str):
     views = BatchedTwoViews(name, size)
-    if tensors:  # the image cache hands workers uint8 tensors
-        images = [pil_to_uint8(_decode(item)) for item in images]
-    start = _clock(device)
-    for i in range(0, len(images), batch):
-        crops = default_collate([views(_decode(item)) for item in images[i:i + batch]])
-        q, k = views.augment(crops, device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return _clock(device) - start
+
+    def run(images: list) -> float:
+        start = _clock(device)
+        crops = default_collate([views(_decode(item)) for item in images])
+        views.augment(crops, device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return _clock(device) - start
+    return run
 
 
 def main() -> None:
@@ -87,15 +91,18 @@ def main() -> None:
     for name in args.recipes:
         size, source, n, batch = CASES[name]
         images = _images(source, n, args.jpeg)
-        variants = {"PIL": _pil, "batched": _batched}
-        if not args.jpeg:
-            variants["batched, from cached tensors"] = lambda *a: _batched(*a, tensors=True)
-        _batched(name, size, images[:batch], batch, args.device)  # warm-up
-        best = dict.fromkeys(variants, float("inf"))
-        for _ in range(args.repeats):  # in turns: a slow spell of the machine hits every variant alike
-            for label, run in variants.items():
-                best[label] = min(best[label], run(name, size, images, batch, args.device))
-        rates = {label: n / seconds for label, seconds in best.items()}
+        variants = {"PIL": (_pil(name, size, args.device), images),
+                    "batched": (_batched(name, size, args.device), images)}
+        if not args.jpeg:  # what the image cache hands the loader workers
+            variants["batched, from cached tensors"] = (_batched(name, size, args.device), [pil_to_uint8(i) for i in images])
+        for run, items in variants.values():  # warm-up
+            run(items[:batch])
+        totals = {label: [0.0] * args.repeats for label in variants}
+        for r in range(args.repeats):  # batch by batch in turns: a slow spell of the machine hits every variant alike
+            for i in range(0, n, batch):
+                for label, (run, items) in variants.items():
+                    totals[label][r] += run(items[i:i + batch])
+        rates = {label: n / min(seconds) for label, seconds in totals.items()}
         print(f"\n{name}, {size} px from {source[0]}x{source[1]}, {n} images, batch {batch}")
         for label, rate in rates.items():
             print(f"  {label:30s} {rate:8.0f} pairs/s  x{rate / rates['PIL']:.2f}")

@@ -108,7 +108,9 @@ def _upsampled_crop(images: torch.Tensor, boxes: torch.Tensor, flips: Sequence[b
     ys, xs = coords(boxes[:, 0], boxes[:, 2], h), coords(boxes[:, 1], boxes[:, 3], w)
     flip = torch.tensor(list(flips), dtype=torch.bool)
     xs[flip] = xs[flip].flip(1)
-    grid = torch.stack([xs.view(n, 1, size).expand(n, size, size), ys.view(n, size, 1).expand(n, size, size)], -1)
+    grid = torch.empty(n, size, size, 2)
+    grid[..., 0] = xs.view(n, 1, size)
+    grid[..., 1] = ys.view(n, size, 1)
     return F.grid_sample(images.float(), grid.to(images.device), mode="bilinear", padding_mode="border",
                          align_corners=False)
 
@@ -234,13 +236,16 @@ class BatchedTwoViews:
                 view_crops, view_boxes = view_crops.index_select(0, perm.to(crops.device)), view_boxes[perm]
             flips = [row[SLOTS["flip"]] > 0.5 for row in rows]
             source = self._pending_crops(view_crops, view_boxes, flips, view.size)
-            out = torch.empty(n, c, h, w, device=crops.device).contiguous(memory_format=fmt)
-            done = out if order is None else torch.empty(n, c, h, w, device=crops.device)
-            for start, stop in spans:
-                x = view.photometric(source[start:stop].float(), rows[start:stop], BOUND)
-                torch.sub(x, shift, out=done[start:stop]).mul_(scale)
-            if order is not None:
-                out.index_copy_(0, perm.to(crops.device), done)
+            if order is None:  # each chunk read, processed and written to its place in the output
+                out = torch.empty(n, c, h, w, device=crops.device).contiguous(memory_format=fmt)
+                for start, stop in spans:
+                    x = view.photometric(source[start:stop].float(), rows[start:stop], BOUND)
+                    torch.sub(x, shift, out=out[start:stop]).mul_(scale)
+            else:  # all in place in one float copy of the sorted crops, then put back in order
+                source = source.float()
+                for start, stop in spans:
+                    view.photometric(source[start:stop], rows[start:stop], BOUND).sub_(shift).mul_(scale)
+                out = source.index_select(0, torch.argsort(perm).to(crops.device)).contiguous(memory_format=fmt)
             outs.append(out)
         return outs[0], outs[1]
 
