@@ -11,6 +11,8 @@ __all__ = ["RESNET_ARCHS", "STEMS", "create_resnet", "apply_cifar_stem"]
 RESNET_ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
+    # timm's small ResNets (a "deep" 3-conv stem, one block per stage): for CPU demos and studies
+    "resnet10t", "test_resnet",
 )
 STEMS = ("imagenet", "cifar")
 
@@ -18,9 +20,10 @@ STEMS = ("imagenet", "cifar")
 def apply_cifar_stem(model: nn.Module) -> nn.Module:
     """Swap the 7x7/2 conv + max-pool stem for a 3x3/1 conv, as the official CIFAR-10 demo does.
 
-    Small images (32 px) would otherwise shrink to 1x1 before layer4.
+    Small images (32 px) would otherwise shrink to 1x1 before layer4. A timm "deep" stem (a
+    Sequential of three convs, e.g. resnet10t) is replaced the same way, keeping its output width.
     """
-    width = model.conv1.out_channels
+    width = model.bn1.num_features
     model.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     info = getattr(model, "feature_info", None)

@@ -44,6 +44,8 @@ _RESNETS = {
     ("bottleneck", (3, 4, 23, 3), 128, 1): "wide_resnet101_2",
     ("bottleneck", (3, 4, 6, 3), 128, 32): "resnext50_32x4d",
     ("bottleneck", (3, 4, 23, 3), 256, 32): "resnext101_32x8d",
+    ("basic", (1, 1, 1, 1), 64, 1): "resnet10t",
+    ("basic", (1, 1, 1, 1), 32, 1): "test_resnet",
 }
 _VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 _CONVERT_HINT = ("Load it yourself in an environment you trust, then re-save only the weights: "
@@ -170,9 +172,9 @@ def convert(obj: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) ->
     info.update({k: v for k, v in run_config.items() if _plain(v)})
     info.update(meta or {})
 
-    if "conv1.weight" in sd and "layer1.0.conv2.weight" in sd:
+    if ("conv1.weight" in sd or "conv1.0.weight" in sd) and "layer1.0.conv2.weight" in sd:
         arch, model_args, classifier = infer_resnet_arch(sd), {}, "fc"
-        stem = "cifar" if sd["conv1.weight"].shape[-1] == 3 else "imagenet"
+        stem = "cifar" if "conv1.weight" in sd and sd["conv1.weight"].shape[-1] == 3 else "imagenet"
         pcfg = dict(IMAGENET_PRETRAINED_CFG)
     elif "cls_token" in sd and "blocks.0.attn.qkv.weight" in sd:
         # MoCo v3 names its ViTs "vit_small"/"vit_base", in its linear-eval checkpoints too
