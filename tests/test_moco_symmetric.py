@@ -46,7 +46,7 @@ def test_matches_the_official_demo():
     opt_ref = torch.optim.SGD(ref.encoder_q.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
     opt_ours = torch.optim.SGD(ours.encoder_q.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
     for step in range(3):  # 3 steps of 4 keys wrap the 8-slot queue
-        im1, im2 = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        im1, im2 = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.randn(2, 3, 16, 16, dtype=torch.float64)
         torch.manual_seed(100 + step)
         loss_r = ref(im1, im2)
         torch.manual_seed(100 + step)  # the same two Shuffle BN permutations, drawn in the same order
