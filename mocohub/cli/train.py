@@ -122,10 +122,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          "(AMX CPUs, bf16 GPUs), else fp32")
     hw.add_argument("--channels-last", type=_bool, default=None, metavar="BOOL",
                     help="NHWC memory format; default: on with bf16/fp16, off in fp32")
-    hw.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="data-loading processes per training process")
+    hw.add_argument("--workers", type=int, default=None,
+                    help="data-loading processes per training process; default: none on a CPU that augments cached "
+                         f"images in batches (the cores train instead), else {DEFAULT_WORKERS}")
     hw.add_argument("--aug-impl", default="auto", choices=("auto", "pil", "batched"),
-                    help="augmentation: PIL per image in the workers, or batched tensor ops; auto: batched on a GPU, "
-                         "PIL on the CPU")
+                    help="augmentation: batched tensor ops (auto) or PIL per image in the workers (the reference)")
     hw.add_argument("--aug-device", default="auto", help="where batched augmentation runs (cpu, cuda); auto: the "
                                                           "training device")
     hw.add_argument("--cache-images", default="auto", choices=("auto", "on", "off"),

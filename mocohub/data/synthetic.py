@@ -1,7 +1,10 @@
 """A small generated image dataset, so the demo and tests need no download.
 
-Ten classes told apart by shape and texture (not colour, which MoCo's augmentations scramble);
-colours, position, size and noise vary per image, so a model must learn something to score well.
+Ten classes told apart by shape and texture; position, size, grey levels and blur vary per image,
+so a model must learn something to score well. Colours are greys with a faint tint: with random RGB
+colours, the colour pair alone identifies an image through MoCo's colour jitter (hue moves by at
+most 0.1), so instance discrimination learned colour, not shape (measured: kNN +7 points over
+random init after 40 epochs, against +21 with these tinted greys).
 """
 from __future__ import annotations
 
@@ -75,11 +78,17 @@ SHAPES: dict[str, Draw] = {
 }
 
 
+def _tinted(grey: int, tint: list[int]) -> tuple[int, int, int]:
+    return tuple(min(255, max(0, grey + t)) for t in tint)
+
+
 def make_image(shape: str, rng: random.Random, size: int = 32) -> Image.Image:
     """One image of ``shape``: drawn at 2x then downsampled (anti-aliased), with a little blur."""
     big = size * 2
-    bg = tuple(rng.randint(0, 255) for _ in range(3))
-    fg = tuple((c + rng.randint(80, 175)) % 256 for c in bg)  # always contrasts with bg
+    grey = rng.randint(0, 255)
+    tint = [rng.randint(-15, 15) for _ in range(3)]
+    bg = _tinted(grey, tint)
+    fg = _tinted((grey + rng.randint(80, 175)) % 256, tint)  # always contrasts with bg
     img = Image.new("RGB", (big, big), bg)
     SHAPES[shape](ImageDraw.Draw(img), rng, fg, big)
     img = img.resize((size, size), Image.BILINEAR)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..data.folder import DEFAULT_WORKERS
 from .recipes import Recipe, get_recipe
 
 __all__ = ["TrainConfig"]
@@ -21,8 +20,8 @@ class TrainConfig(Recipe):
     lr_per_iteration: bool = False
     precision: str = "auto"           # bf16 where the hardware has it natively, else fp32
     channels_last: bool | None = None  # None: NHWC with bf16/fp16
-    workers: int = DEFAULT_WORKERS
-    aug_impl: str = "auto"            # pil (per image in the workers) | batched (tensor ops on aug_device)
+    workers: int | None = None        # None: auto, see Trainer._choose_workers
+    aug_impl: str = "auto"            # batched (tensor ops on aug_device) | pil (per image in the workers)
     aug_device: str = "auto"          # where the batched photometric ops run: the training device by default
     cache_images: str = "auto"        # decode once and keep in memory when the decoded set fits
     compile: bool = False             # torch.compile the encoders
