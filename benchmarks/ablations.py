@@ -1,6 +1,7 @@
 """MoCo's ablations as one command: a grid of `mocohub train` runs per study, a table and a plot.
 
     python benchmarks/ablations.py STUDY --size cpu|full [--out DIR] [--seeds N] [--data TAR_OR_DIR] [--dry-run]
+                                   [--settings NAME,NAME] [--epochs N]
 
 STUDY is one of
     momentum    --moco-m 0, 0.9, 0.99, 0.999 (the paper: 0 fails, 0.9 much worse, 0.99-0.9999 work)
@@ -527,6 +528,12 @@ def plot_study(study: Study, rows: list[dict[str, Any]], png: Path, size_name: s
 def run_study(name: str, args: argparse.Namespace, size: dict[str, Any], train: Path, val: Path, n_train: int,
               machine: dict[str, Any]) -> None:
     study = _study(name, size, n_train)
+    if args.settings:
+        unknown = set(args.settings) - {s.name for s in study.settings}
+        if unknown:
+            raise SystemExit(f"{name}: no setting {', '.join(sorted(unknown))}; its settings: "
+                             f"{', '.join(s.name for s in study.settings)}")
+        study.settings = [s for s in study.settings if s.name in args.settings]
     if not study.settings:
         raise SystemExit(f"{name}: no setting fits this data set ({'; '.join(study.notes)})")
     base = base_flags(size)
@@ -603,11 +610,15 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"the {TAR_NAME} archive, or a folder with train/ and val/ (or test/); default: $CIFAR_TAR, "
                         f"../shared/data/{TAR_NAME}, .cifar/{TAR_NAME}")
     p.add_argument("--dry-run", action="store_true", help="print the commands; train and write nothing")
+    p.add_argument("--settings", type=lambda v: v.split(","), default=None, metavar="NAME,NAME",
+                   help="only these settings of the study (e.g. m0,m0.99 of momentum)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="instead of the size's epochs: a run that fits a time budget (benchmarks/gpu_check.sh)")
     args = p.parse_args(argv)
     if args.seeds < 2:
         p.error("--seeds: at least 2 (the table and plot show the spread over seeds)")
     args.out = args.out or Path("runs") / f"ablations-{args.size}"
-    size = SIZES[args.size]
+    size = {**SIZES[args.size], **({"epochs": args.epochs} if args.epochs else {})}
     train, val, n_train = prepare_data(args.data, args.out, size, args.dry_run)
     machine = {} if args.dry_run else _machine()
     if machine:

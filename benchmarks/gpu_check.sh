@@ -4,21 +4,33 @@
 #   2. bench_step and bench_augment on the GPU,
 #   3. a full CIFAR-10 run of the `cifar` recipe (50,000 training JPEGs, kNN on the 10,000 test
 #      images) for as many epochs as fit in TRAIN_SECONDS (default 360 s, so the whole script fits 10 min).
+#   4. with --ablation: the momentum study at full CIFAR-10 size, m 0.99 against m 0 (the cheapest telling
+#      one; benchmarks/ablations.py), 2 seeds each, for as many epochs as fit in ABLATION_SECONDS (default
+#      200 s; TRAIN_SECONDS then defaults to 160 s, so the script still fits 10 min).
 # Nothing is installed: the machine's own python3 must have torch, torchvision, timm, pillow,
 # safetensors, huggingface_hub and tqdm (the device image has them); mocohub runs from this checkout.
 # Results go to $OUT (or ./gpu-check-out). CIFAR-10 is read from $CIFAR_TAR, else
 # ../shared/data/cifar10-jpg.tar.gz, else .cifar/cifar10-jpg.tar.gz (copy it there and carry `.cifar`).
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine
-#   bash benchmarks/gpu_check.sh --dry-run  # here, on the CPU: every stage, tiny, to know it starts
+#   bash benchmarks/gpu_check.sh --ablation # the same, plus the momentum ablation
+#   bash benchmarks/gpu_check.sh --dry-run [--ablation]  # here, on the CPU: every stage, tiny, to know it starts
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
-DRY=0; [ "${1:-}" = "--dry-run" ] && DRY=1
-TRAIN_SECONDS=${TRAIN_SECONDS:-360}
+DRY=0; ABLATION=0
+for arg in "$@"; do
+  case $arg in
+    --dry-run) DRY=1 ;;
+    --ablation) ABLATION=1 ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run] [--ablation]" >&2; exit 2 ;;
+  esac
+done
+if [ $ABLATION = 1 ]; then TRAIN_SECONDS=${TRAIN_SECONDS:-160}; else TRAIN_SECONDS=${TRAIN_SECONDS:-360}; fi
+ABLATION_SECONDS=${ABLATION_SECONDS:-200}
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 status=0
 
@@ -92,6 +104,17 @@ print(f"CIFAR-10 cifar recipe: {len(rows)}/{epochs} epochs in {seconds} s "
       f"({sum(r['seconds'] for r in rows) / max(len(rows), 1):.1f} s per epoch of training), "
       f"kNN top-1 {knn[-1] if knn else float('nan'):.1f} % (official demo: 82.6 % after 200 epochs)")
 EOF
+
+if [ $ABLATION = 1 ]; then
+  # 4 runs (2 settings x 2 seeds), each with a kNN pass per epoch: budget 1.3 probe epochs per epoch
+  ab_epochs=$($PY -c "print(max(1, int($ABLATION_SECONDS / (4 * 1.3 * $per_epoch))))")
+  ab_size=full; [ $DRY = 1 ] && { ab_size=smoke; ab_epochs=2; }
+  log "momentum ablation (size $ab_size, m0 and m0.99, 2 seeds): $ab_epochs epochs a run"
+  $PY benchmarks/ablations.py momentum --size "$ab_size" --settings m0,m0.99 --epochs "$ab_epochs" --data "$root" \
+    --out "$data/ablations" > "$OUT/ablation.log" 2>&1 || { tail -5 "$OUT/ablation.log"; status=1; }
+  grep "^|" "$OUT/ablation.log" | tee -a "$OUT/summary.txt"
+  cp "$data/ablations/momentum/"{momentum.md,momentum.png,results.jsonl} "$OUT/" 2>/dev/null
+fi
 rm -rf "$data"
 log "done (status $status)"
 exit $status

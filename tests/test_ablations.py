@@ -77,6 +77,18 @@ def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_budgeted_run_takes_chosen_settings_and_epochs(tmp_path, capsys):
+    """gpu_check.sh --ablation: m 0 against 0.99 only, for the epochs its time budget allows."""
+    make_dataset(tmp_path / "src", train_per_class=2, val_per_class=1, size=8)
+    common = ["momentum", "--size", "smoke", "--data", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--dry-run"]
+    assert _module().main([*common, "--settings", "m0,m0.99", "--epochs", "3"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if " -m mocohub train " in line]
+    assert len(commands) == 4 and all("--epochs 3 " in c for c in commands)
+    assert sorted(c.split("--moco-m ")[1].split()[0] for c in commands) == ["0", "0", "0.99", "0.99"]
+    with pytest.raises(SystemExit, match="no setting m0.5; its settings: m0, m0.9, m0.99, m0.999"):
+        _module().main([*common, "--settings", "m0,m0.5"])
+
+
 def test_a_larger_folder_is_cut_to_the_first_names_per_class_and_test_is_the_val_split(tmp_path):
     module = _module()
     make_dataset(tmp_path / "src", train_per_class=10, val_per_class=3, size=8)
