@@ -18,8 +18,9 @@ from mocohub.training.checkpoint import save_checkpoint
 # 20 training images: 2 steps of 8 per epoch, 2 epochs, 1 of them warmup
 COMMON = ["--image-size", "16", "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1", "--mlp-dim", "64",
           "--moco-dim", "32", "--workers", "0", "--no-progress", "--log-every", "1", "--precision", "fp32"]
+RESNET, RESNET_FEATURES = "test_resnet", 96  # timm's tiny ResNet and its pooled width
 ARCHS = {
-    "resnet": ["--recipe", "cifar-v3", "--arch", "test_resnet"],  # CIFAR stem, LARS, base lr 0.6, T 1.0
+    "resnet": ["--recipe", "cifar-v3", "--arch", RESNET],  # CIFAR stem, LARS, base lr 0.6, T 1.0
     "vit": ["--recipe", "moco-v3-vit", "--arch", "test_vit", "--patch-size", "4"],  # AdamW, 1.5e-4, T 0.2
 }
 
@@ -77,11 +78,12 @@ def test_warmup_cosine_lr_and_m_cos_momentum_at_each_step(runs, arch, base_lr):
 def test_checkpoint_has_the_official_v3_layout(runs, arch):
     ckpt = load_checkpoint(runs[arch][0] / "checkpoint.pth.tar", generation="v3")
     assert {"epoch", "arch", "state_dict", "optimizer", "scaler", "mocohub"} <= set(ckpt)
-    assert ckpt["epoch"] == 2 and ckpt["arch"] == ("test_resnet" if arch == "resnet" else "test_vit")
+    assert ckpt["epoch"] == 2 and ckpt["arch"] == (RESNET if arch == "resnet" else "test_vit")
     assert {k.split(".")[1] for k in ckpt["state_dict"]} == {"base_encoder", "momentum_encoder", "predictor"}
     head = "fc" if arch == "resnet" else "head"
-    assert ckpt["state_dict"][f"module.base_encoder.{head}.0.weight"].shape == (64, 96 if arch == "resnet" else 64)
-    model = mocohub.MoCoV3("test_resnet", 32, 64, stem="cifar") if arch == "resnet" else \
+    width = RESNET_FEATURES if arch == "resnet" else 64
+    assert ckpt["state_dict"][f"module.base_encoder.{head}.0.weight"].shape == (64, width)
+    model = mocohub.MoCoV3(RESNET, 32, 64, stem="cifar") if arch == "resnet" else \
         mocohub.MoCoV3("test_vit", 32, 64, T=0.2, img_size=16, patch_size=4, stop_grad_conv1=True)
     model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}, strict=True)
 
@@ -126,7 +128,7 @@ def test_an_official_v3_checkpoint_resumes_at_its_epoch(runs, data, tmp_path):
     encoder's too, which never get a gradient): it loads whole and trains the next epoch."""
     ours = load_checkpoint(runs["resnet"][0] / "checkpoint.pth.tar")
     ours["epoch"] = 1
-    model = mocohub.MoCoV3("test_resnet", 32, 64, stem="cifar")
+    model = mocohub.MoCoV3(RESNET, 32, 64, stem="cifar")
     names = [n for n, _ in model.named_parameters()]
     trainable = [i for i, (_, p) in enumerate(model.named_parameters()) if p.requires_grad]
     group = ours["optimizer"]["param_groups"][0]
@@ -135,7 +137,7 @@ def test_an_official_v3_checkpoint_resumes_at_its_epoch(runs, data, tmp_path):
                              "param_groups": [{**group, "params": list(range(len(names)))}]}
     path = save_checkpoint(official, tmp_path / "checkpoint_0000.pth.tar")
     run = tmp_path / "run"
-    cfg = TrainConfig.from_recipe("cifar-v3", data=str(data[0]), out=str(run), resume=str(path), arch="test_resnet",
+    cfg = TrainConfig.from_recipe("cifar-v3", data=str(data[0]), out=str(run), resume=str(path), arch=RESNET,
                                   image_size=16, batch_size=8, epochs=2, warmup_epochs=1, mlp_dim=64, moco_dim=32,
                                   workers=0, progress=False, log_every=1, precision="fp32")
     train(cfg)
