@@ -2,7 +2,9 @@
 
 Both start from decoded images in memory (``--jpeg``: from JPEG bytes, decoding included), in one
 process on one thread. The batched pipeline's time is its loader part (crops and parameter draws,
-per image) plus its batch part (collate and photometry on whole batches) on ``--device``.
+per image) plus its batch part (collate and photometry on whole batches) on ``--device``; on the
+CPU a last variant times the loader part and the collate alone: the CPU's share when a GPU does
+the photometry (``--aug-device auto`` on a GPU machine).
 The variants take turns batch by batch, ``--repeats`` rounds, timed by the process's CPU time (on
 a machine shared with other jobs, wall time also counts the waits for a core); the best round of
 each is kept.
@@ -77,6 +79,18 @@ def _batched(name: str, size: int, device: str):
     return run
 
 
+def _loader_part(name: str, size: int):
+    """The batched pipeline's CPU work when the training device does the photometry
+    (``--aug-device auto`` on a GPU): the loader part and the collate, nothing after."""
+    views = BatchedTwoViews(name, size)
+
+    def run(images: list) -> float:
+        start = time.process_time()
+        default_collate([views(item) for item in images])
+        return time.process_time() - start
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=list(CASES), choices=list(CASES))
@@ -94,7 +108,10 @@ def main() -> None:
         variants = {"PIL": (_pil(name, size, args.device), images),
                     "batched": (_batched(name, size, args.device), images)}
         if not args.jpeg:  # what the image cache hands the loader workers
-            variants["batched, from cached tensors"] = (_batched(name, size, args.device), [pil_to_uint8(i) for i in images])
+            cached = [pil_to_uint8(i) for i in images]
+            variants["batched, from cached tensors"] = (_batched(name, size, args.device), cached)
+            if args.device == "cpu":
+                variants["loader part only (GPU photometry)"] = (_loader_part(name, size), cached)
         for run, items in variants.values():  # warm-up
             run(items[:batch])
         totals = {label: [0.0] * args.repeats for label in variants}
@@ -105,7 +122,7 @@ def main() -> None:
         rates = {label: n / min(seconds) for label, seconds in totals.items()}
         print(f"\n{name}, {size} px from {source[0]}x{source[1]}, {n} images, batch {batch}")
         for label, rate in rates.items():
-            print(f"  {label:30s} {rate:8.0f} pairs/s  x{rate / rates['PIL']:.2f}")
+            print(f"  {label:34s} {rate:8.0f} pairs/s  x{rate / rates['PIL']:.2f}")
 
 
 if __name__ == "__main__":

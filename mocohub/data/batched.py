@@ -207,12 +207,13 @@ class BatchedTwoViews:
         both = _tensor([row + [float(pending), *box] for row, box in zip(rows, boxes)])
         if pending:
             return ViewCrops(image.unsqueeze(0).expand(2, -1, -1, -1), both[:, :NUM_PARAMS], both[:, NUM_PARAMS:])
-        flip = SLOTS["flip"]
-        crops = []
-        for view, box, row in zip(self.views, boxes, rows):
-            crop = resized_crop(image, *box, view.size)
-            crops.append(crop.flip(-1) if row[flip] > 0.5 else crop)
-        return ViewCrops(torch.stack(crops), both[:, :NUM_PARAMS], both[:, NUM_PARAMS:])
+        flip, size = SLOTS["flip"], self.views[0].size  # the views of a recipe share one size
+        crops = np.empty((len(self.views), 3, size, size), dtype=np.uint8)
+        for crop, box, row in zip(crops, boxes, rows):
+            resized = resized_crop(image, *box, size).numpy()
+            # one numpy copy lays the (channels-last) crop out planar and flips it by a negative stride
+            np.copyto(crop, resized[..., ::-1] if row[flip] > 0.5 else resized)
+        return ViewCrops(torch.from_numpy(crops), both[:, :NUM_PARAMS], both[:, NUM_PARAMS:])
 
     def augment(self, batch: ViewCrops, device: torch.device | str | None = None, *,
                 channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,17 +237,17 @@ class BatchedTwoViews:
                 view_crops, view_boxes = view_crops.index_select(0, perm.to(crops.device)), view_boxes[perm]
             flips = [row[SLOTS["flip"]] > 0.5 for row in rows]
             source = self._pending_crops(view_crops, view_boxes, flips, view.size)
-            if order is None:  # each chunk read, processed and written to its place in the output
-                out = torch.empty(n, c, h, w, device=crops.device).contiguous(memory_format=fmt)
+            if order is None:  # each chunk converted into its place in the output, then processed there in place
+                out = source if source.is_floating_point() else torch.empty(n, c, h, w, device=crops.device)
                 for start, stop in spans:
-                    x = view.photometric(source[start:stop].float(), rows[start:stop], BOUND)
-                    torch.sub(x, shift, out=out[start:stop]).mul_(scale)
+                    x = out[start:stop] if out is source else out[start:stop].copy_(source[start:stop])
+                    view.photometric(x, rows[start:stop], BOUND).sub_(shift).mul_(scale)
             else:  # all in place in one float copy of the sorted crops, then put back in order
                 source = source.float()
                 for start, stop in spans:
                     view.photometric(source[start:stop], rows[start:stop], BOUND).sub_(shift).mul_(scale)
-                out = source.index_select(0, torch.argsort(perm).to(crops.device)).contiguous(memory_format=fmt)
-            outs.append(out)
+                out = source.index_select(0, torch.argsort(perm).to(crops.device))
+            outs.append(out.contiguous(memory_format=fmt))
         return outs[0], outs[1]
 
     @staticmethod
