@@ -1,11 +1,12 @@
 """Two-view augmentation throughput per CPU core: the PIL pipeline against the batched one.
 
 Both start from decoded images in memory (``--jpeg``: from JPEG bytes, decoding included), in one
-process on one thread. The batched pipeline's time is its loader part (crops and parameter draws,
-per image) plus its batch part (collate and photometry on whole batches) on ``--device``; on the
-CPU a last variant times the loader part and the collate alone: the CPU's share when a GPU does
-the photometry (``--aug-device auto`` on a GPU machine).
-The variants take turns batch by batch, ``--repeats`` rounds, timed by the process's CPU time (on
+process on one thread, and both end at the (query, key) float batches a training step takes: the
+PIL pipeline's per-image tensors are collated as the DataLoader does. The batched pipeline's time
+is its loader part (crops and parameter draws, per image) plus its batch part (collate and
+photometry on whole batches) on ``--device``; on the CPU a last variant times the loader part and
+the collate alone: the CPU's share when a GPU does the photometry (``--aug-device auto`` on a GPU
+machine). The variants take turns batch by batch, ``--repeats`` rounds, timed by the process's CPU time (on
 a machine shared with other jobs, wall time also counts the waits for a core); the best round of
 each is kept.
 
@@ -56,12 +57,13 @@ def _clock(device: str) -> float:
 
 
 def _pil(name: str, size: int, device: str):
+    """Per image, then collated as the DataLoader does: like the batched variants, it ends at
+    the (query, key) float batches a training step takes."""
     views = two_views(name, size)
 
     def run(images: list) -> float:
         start = _clock(device)
-        for item in images:
-            views(_decode(item))
+        default_collate([views(_decode(item)) for item in images])
         return _clock(device) - start
     return run
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -153,14 +154,13 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     torch.sub(g, b, out=tmp)  # where R is (R first on ties, as torchvision)
     d.lerp_(tmp, torch.eq(r, mx, out=mask))
     low = torch.sub(mn, c, out=mask)  # mn - c
-    c3 = c.mul_(3)
     shifts = shift.tolist() if isinstance(shift, torch.Tensor) else list(shift)
-    a = [[((o + 6 * s - 1) % 6 + 1 - 5) / 3 for o in _OFFSETS] for s in shifts]  # (a_k - 5) / 3 per sample
+    a = [[(o + 6 * s - 1) % 6 + 1 - 5 for o in _OFFSETS] for s in shifts]  # a_k - 5 per sample
     a = torch.tensor(a, dtype=x.dtype).to(x.device).view(n, 3, 1, 1)
     # x's values are no longer needed: all channels at once, in place (binary in-place ops broadcast a
     # plane over the channels faster than three per-plane calls)
-    torch.mul(c3, a, out=x).add_(d)  # c * t_k - 5c
-    x.abs_().sub_(c3).abs_().add_(low)
+    torch.mul(c, a, out=x).add_(d)  # c * t_k - 5c
+    x.abs_().sub_(c, alpha=3).abs_().add_(low)
     return torch.clamp(x, min=mn, max=mx, out=x)
 
 
@@ -171,11 +171,13 @@ def solarize(x: torch.Tensor, threshold: float = 128 / 255, *, bound: float = 1.
     return x.add_(above.mul_(bound - 2 * x))
 
 
-def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """(N,) sigmas -> (N, kernel_size) normalised 1-D Gaussians on torchvision's integer grid."""
-    grid = torch.arange(kernel_size, device=sigma.device, dtype=torch.float32) - kernel_size // 2
-    pdf = torch.exp(-0.5 * (grid / sigma.float().view(-1, 1)) ** 2)
-    return pdf / pdf.sum(dim=1, keepdim=True)
+def gaussian_kernels(sigma: torch.Tensor | Sequence[float], kernel_size: int) -> torch.Tensor:
+    """(N,) sigmas -> (N, kernel_size) normalised 1-D Gaussians on torchvision's integer grid, as
+    float32 on the CPU (computed in numpy's float64: a few small torch ops would cost more than
+    the blur of a 32 px image)."""
+    grid = np.arange(kernel_size) - kernel_size // 2
+    pdf = np.exp(-0.5 * (grid / np.asarray(_floats(sigma)).reshape(-1, 1)) ** 2)
+    return torch.from_numpy((pdf / pdf.sum(axis=1, keepdims=True)).astype(np.float32))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -194,9 +196,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     half = kernel_size // 2
     if half >= min(h, w):
         raise ValueError(f"a blur kernel of {kernel_size} taps needs images larger than {half} px")
-    kernels = gaussian_kernels(sigma.detach().to("cpu", torch.float32).reshape(-1), kernel_size)
-    used = (kernels >= BLUR_TAIL).any(0).nonzero()
-    r = int(max(half - int(used.min()), int(used.max()) - half)) if len(used) else 0
+    kernels = gaussian_kernels(sigma, kernel_size)
+    used = np.flatnonzero((kernels.numpy() >= BLUR_TAIL).any(0))
+    r = int(max(half - used[0], used[-1] - half)) if len(used) else 0
     if r == 0:
         return x.mul_(_each(kernels[:, half], x))
     taps = kernels[:, half - r:half + r + 1]
