@@ -23,7 +23,7 @@ _PANELS = (
     ("loss", "InfoNCE loss", "loss"),
     ("acc1", "Instance accuracy (positive key ranked first)", "top-1 (%)"),
     ("lr", "Learning rate", "lr"),
-    ("knn_top1", "kNN top-1 on the val folder", "top-1 (%)"),
+    ("knn_top1", "kNN top-1 on the val folder (query encoder output)", "top-1 (%)"),
 )
 
 
