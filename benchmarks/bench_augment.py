@@ -6,9 +6,9 @@ PIL pipeline's per-image tensors are collated as the DataLoader does. The batche
 is its loader part (crops and parameter draws, per image) plus its batch part (collate and
 photometry on whole batches) on ``--device``; on the CPU a last variant times the loader part and
 the collate alone: the CPU's share when a GPU does the photometry (``--aug-device auto`` on a GPU
-machine). The variants take turns batch by batch, ``--repeats`` rounds, timed by the process's CPU time (on
-a machine shared with other jobs, wall time also counts the waits for a core); the best round of
-each is kept.
+machine). The variants take turns batch by batch, ``--repeats`` rounds, timed by the process's
+CPU time (on a machine shared with other jobs, wall time also counts the waits for a core); the
+best round of each is kept.
 
     python benchmarks/bench_augment.py                     # cifar at 32 px and moco-v2 at 224 px
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_augment.py
@@ -68,28 +68,19 @@ def _pil(name: str, size: int, device: str):
     return run
 
 
-def _batched(name: str, size: int, device: str):
+def _batched(name: str, size: int, device: str, photometry: bool = True):
+    """``photometry=False``: the loader part and the collate alone, the CPU's work when the
+    training device does the photometry (``--aug-device auto`` on a GPU)."""
     views = BatchedTwoViews(name, size)
 
     def run(images: list) -> float:
         start = _clock(device)
         crops = default_collate([views(_decode(item)) for item in images])
-        views.augment(crops, device)
+        if photometry:
+            views.augment(crops, device)
         if device == "cuda":
             torch.cuda.synchronize()
         return _clock(device) - start
-    return run
-
-
-def _loader_part(name: str, size: int):
-    """The batched pipeline's CPU work when the training device does the photometry
-    (``--aug-device auto`` on a GPU): the loader part and the collate, nothing after."""
-    views = BatchedTwoViews(name, size)
-
-    def run(images: list) -> float:
-        start = time.process_time()
-        default_collate([views(item) for item in images])
-        return time.process_time() - start
     return run
 
 
@@ -117,7 +108,7 @@ def main() -> None:
             cached = [pil_to_uint8(i) for i in images]
             variants["batched, from cached tensors"] = (_batched(name, size, args.device), cached)
             if args.device == "cpu":
-                variants["loader part only (GPU photometry)"] = (_loader_part(name, size), cached)
+                variants["loader part only (GPU photometry)"] = (_batched(name, size, args.device, False), cached)
         for run, items in variants.values():  # warm-up
             run(items[:batch])
         totals = {label: [0.0] * args.repeats for label in variants}

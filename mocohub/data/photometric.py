@@ -186,7 +186,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
 
     Taps whose weight is below ``BLUR_TAIL`` in every sample are skipped (they change the result
     by less than 1e-3 of the value range; 2/255 is 8e-3): a 23-tap kernel of sigma 1 uses 11.
-    Each pass is one multiply-add per tap over the chunk: no matrix with mostly zero entries.
+    A single CPU image whose sides divide by a ``GEMM_BLOCKS`` size blurs by banded matrix
+    products (``_blur_gemm``); otherwise each pass is one multiply-add per tap over the chunk.
     Both passes run on the padded images flattened to one row per sample, so every tap reads
     a contiguous shifted slice (the horizontal pass also computes, and the end discards, the
     2r padding columns of each row); per-sample weights are broadcast factors (plain floats
@@ -202,8 +203,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     if r == 0:
         return x.mul_(_each(kernels[:, half], x))
     taps = kernels[:, half - r:half + r + 1]
-    block = next((b for b in GEMM_BLOCKS if h % b == 0 and w % b == 0
-                  and -(-(h + 2 * r) // b) * b - h - r < h), None)  # _blur_gemm's bottom padding reflects
+    block = next((b for b in GEMM_BLOCKS if h % b == 0 and w % b == 0 and _bottom_padding(h, r, b) < h), None)
     if n == 1 and x.device.type == "cpu" and block and torch.get_float32_matmul_precision() == "highest":
         return _blur_gemm(x, taps[0].to(x.dtype), r, block)
     weights = taps[0].tolist() if n == 1 else list(taps.to(x.device, x.dtype).t().reshape(-1, n, 1).unbind(0))
@@ -231,6 +231,12 @@ def _toeplitz(taps: torch.Tensor, block: int) -> torch.Tensor:
     return matrix
 
 
+def _bottom_padding(h: int, r: int, block: int) -> int:
+    """``_blur_gemm``'s bottom padding: r reflected rows and as many more as make the padded
+    channel a whole number of row blocks (a reflection needs it below ``h``)."""
+    return -(-(h + 2 * r) // block) * block - h - r
+
+
 def _blur_gemm(x: torch.Tensor, taps: torch.Tensor, r: int, block: int) -> torch.Tensor:
     """One image's blur as small matrix products: each block of ``block`` output rows (then
     columns) is its ``block + 2r`` input rows times a banded (Toeplitz) matrix, read from strided
@@ -240,8 +246,9 @@ def _blur_gemm(x: torch.Tensor, taps: torch.Tensor, r: int, block: int) -> torch
     the result back. About half the time of the tap loop at 224 px, whatever the sigma."""
     _, c, h, w = x.shape
     wp = w + 2 * r
-    blocks = -(-(h + 2 * r) // block)  # row blocks per padded channel
-    padded = F.pad(x, (r, r, r, blocks * block - h - r), mode="reflect")[0]
+    bottom = _bottom_padding(h, r, block)
+    blocks = (h + r + bottom) // block  # row blocks per padded channel
+    padded = F.pad(x, (r, r, r, bottom), mode="reflect")[0]
     across = _toeplitz(taps, block)
     nw, windows = w // block, (c - 1) * blocks + h // block
     rows = torch.empty(c * blocks * block, wp, dtype=x.dtype)  # vertical pass: row blocks in place
