@@ -23,10 +23,11 @@ from ..evaluation.linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS, fast_linear_pr
 from ..evaluation.transforms import linear_cfg, train_transform
 from ..jsonlog import append_jsonl
 from ..precision import PRECISION_CHOICES, resolve_channels_last, resolve_precision
+from ..run_folder import BACKBONE
 from ..training.run_dir import fresh_run_dir
 from ..zoo.hub import HUB_PREFIX
 from ..zoo.loading import from_pretrained
-from ..zoo.pretrained import RUN_EXPORT, WEIGHTS_NAME
+from ..zoo.pretrained import WEIGHTS_NAME
 from ..zoo.transforms import transform_for
 from .output import add_json_flag, clean, count, duration, emit, num, pct, say
 
@@ -61,7 +62,7 @@ def model_slug(source: str) -> str:
     elif urllib.parse.urlparse(text).scheme in ("http", "https", "file"):
         text = urllib.parse.urlparse(text).path
     path = Path(text)
-    name = path.parent.name if path.name == RUN_EXPORT and path.parent.name else path.name
+    name = path.parent.name if path.name == BACKBONE and path.parent.name else path.name
     name = re.sub(r"(\.pth)?\.(tar|pth|pt|bin|safetensors|ckpt)$", "", name)
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
 

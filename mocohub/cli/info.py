@@ -1,13 +1,13 @@
 """``mocohub info MODEL``: what is known about a model, without downloading or loading it.
 
 Zoo names are answered from the registry; local folders from their ``config.json`` (an export,
-a ``lincls`` classifier) and, for a training run, its checkpoint's settings and ``metrics.jsonl``.
+a ``lincls`` classifier) and, for a training run, its checkpoint's settings and ``metrics.jsonl``;
+a checkpoint file as ``from_pretrained`` reads it. Checkpoint layouts are ``zoo/formats.py``'s to know.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,8 +15,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import MocohubError
-from ..jsonlog import METRICS_NAME, read_jsonl
-from ..zoo.pretrained import CONFIG_NAME, RUN_CHECKPOINT, RUN_EXPORT, WEIGHTS_NAME
+from ..jsonlog import read_jsonl
+from ..run_folder import BACKBONE, CHECKPOINT, RunFolder
+from ..zoo.formats import backbone_weights, convert, read_checkpoint, run_config
+from ..zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from ..zoo.registry import ALIASES, REGISTRY, model_info
 from .output import add_json_flag, emit, num, params, pct
 
@@ -34,8 +36,8 @@ _METRICS = {"imagenet_linear_top1": "ImageNet linear top-1", "knn_top1": "kNN to
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="what is known about a model: architecture, input, recipe, metrics, licence",
                        description="Describe a zoo model (from the registry, nothing is downloaded), an export "
-                                   "folder or a training run folder.")
-    p.add_argument("model", metavar="MODEL", help="zoo name or alias, export folder, or run folder")
+                                   "folder, a training run folder or a checkpoint file (.pth.tar, .safetensors).")
+    p.add_argument("model", metavar="MODEL", help="zoo name or alias, export folder, run folder or checkpoint file")
     add_json_flag(p, ", ".join(KEYS) + " (null where unknown; run: epochs_done, epochs_planned, settings)")
     p.set_defaults(func=run)
 
@@ -67,14 +69,14 @@ def _weights_params(folder: Path) -> int | None:
         return None
 
 
-def _export(folder: Path) -> dict[str, Any]:
-    config = json.loads((folder / CONFIG_NAME).read_text())
+def _from_config(config: Mapping[str, Any], num_params: int | None) -> dict[str, Any]:
+    """What an export's ``config.json`` (or a converted checkpoint's) says."""
     meta = dict(config.get("mocohub", {}))
     metrics = {k: meta[k] for k in _METRICS if k in meta}
     linear = meta.get("linear_eval") or {}
     metrics.update({k: linear[k] for k in ("top1", "top5") if k in linear})
     return {"kind": "export", "architecture": config.get("architecture"), "stem": meta.get("stem"),
-            "num_params": _weights_params(folder), "num_features": config.get("num_features"),
+            "num_params": num_params, "num_features": config.get("num_features"),
             "num_classes": config.get("num_classes", 0), "classes": meta.get("classes"),
             **_preprocessing(config.get("pretrained_cfg", {})), "moco_version": meta.get("moco_version"),
             "recipe": meta.get("recipe"), "epochs": meta.get("epochs"), "dataset": meta.get("dataset"),
@@ -82,33 +84,45 @@ def _export(folder: Path) -> dict[str, Any]:
             "source_url": meta.get("source"), "weights_url": meta.get("url"), "hash": None}
 
 
-def _run(folder: Path) -> dict[str, Any]:
-    """A training run: the checkpoint's settings and progress, the last epoch's metrics."""
-    try:
-        state = torch.load(folder / RUN_CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-        raise MocohubError(f"cannot read {folder / RUN_CHECKPOINT}: {e}") from e
-    settings = dict(state.get("mocohub", {}).get("config", {})) if isinstance(state.get("mocohub"), dict) else {}
-    encoder = {k[len("module.encoder_q."):]: list(v.shape) for k, v in state.get("state_dict", {}).items()
-               if k.startswith("module.encoder_q.") and not k.startswith("module.encoder_q.fc.")}
-    rows = read_jsonl(folder / METRICS_NAME)
+def _export(folder: Path) -> dict[str, Any]:
+    return _from_config(json.loads((folder / CONFIG_NAME).read_text()), _weights_params(folder))
+
+
+def _run(checkpoint: Path) -> dict[str, Any]:
+    """A training run's checkpoint (either generation): its settings and progress, the last epoch's metrics."""
+    state = read_checkpoint(checkpoint)
+    settings = run_config(state)
+    backbone = backbone_weights(state)
+    rows = read_jsonl(RunFolder(checkpoint.parent).metrics) if checkpoint.name == CHECKPOINT else []
     last = rows[-1] if rows else {}
     return {"kind": "run", "architecture": settings.get("arch", state.get("arch")), "stem": settings.get("stem"),
-            "num_params": _count(encoder) if encoder else None, "moco_version": settings.get("moco_version"),
-            "recipe": settings.get("recipe"), "epochs": settings.get("epochs"), "dataset": settings.get("data"),
+            "num_params": _count({k: list(v.shape) for k, v in backbone.items()}) or None,
+            "moco_version": settings.get("moco_version"), "recipe": settings.get("recipe"),
+            "epochs": settings.get("epochs"), "dataset": settings.get("data"),
             "metrics": {k: last[k] for k in _METRICS if k in last},
             "run": {"epochs_done": int(state.get("epoch", 0)), "epochs_planned": settings.get("epochs"),
                     "settings": settings}}
 
 
+def _checkpoint(file: Path) -> dict[str, Any]:
+    """A checkpoint file, read as ``from_pretrained`` reads it (a training run's keeps its progress)."""
+    state = read_checkpoint(file)
+    if run_config(state):
+        return _run(file)
+    backbone = convert(state)
+    return dict(_from_config(backbone.config, _count({k: list(v.shape) for k, v in backbone.state_dict.items()})),
+                kind="checkpoint")
+
+
 def _local(folder: Path) -> dict[str, Any]:
-    info: dict[str, Any] = _run(folder) if (folder / RUN_CHECKPOINT).is_file() else {}
-    export = next((d for d in (folder, folder / RUN_EXPORT) if (d / CONFIG_NAME).is_file()), None)
+    run = RunFolder(folder)
+    info: dict[str, Any] = _run(run.checkpoint) if run.checkpoint.is_file() else {}
+    export = next((d for d in (folder, run.backbone) if (d / CONFIG_NAME).is_file()), None)
     if export is not None:  # a finished run's export knows the parameters and input; the run knows more
         info = {**_export(export), **{k: v for k, v in info.items() if v not in (None, {}, "")}}
     if not info:
-        raise MocohubError(f"{folder} holds no {CONFIG_NAME}, {RUN_EXPORT}/ export or {RUN_CHECKPOINT}: "
-                           "pass an export folder, a run folder or a zoo name (mocohub list)")
+        raise MocohubError(f"{folder} holds no {CONFIG_NAME}, {BACKBONE}/ export or {CHECKPOINT}: "
+                           "pass an export folder, a run folder, a checkpoint file or a zoo name (mocohub list)")
     return info
 
 
@@ -119,8 +133,10 @@ def describe(source: str) -> dict[str, Any]:
         info = _zoo(source)  # an unknown name: the registry's error lists the valid ones
     elif folder.is_dir():
         info = _local(folder)
+    elif folder.is_file():
+        info = _checkpoint(folder)
     else:
-        raise MocohubError(f"{source} is not a folder: info reads zoo names, export folders and run folders")
+        raise MocohubError(f"no such file or folder: {source} (info reads zoo names, folders and checkpoint files)")
     info["source"] = source
     return {k: info.get(k) for k in KEYS}
 

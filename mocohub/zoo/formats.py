@@ -27,7 +27,8 @@ from ..data.augment import AUGMENTATIONS
 from ..errors import MocohubError
 from .pretrained import IMAGENET_PRETRAINED_CFG, build_config, pretrained_cfg_for
 
-__all__ = ["Backbone", "read_checkpoint", "detect_format", "pretraining_format", "convert", "infer_resnet_arch"]
+__all__ = ["Backbone", "read_checkpoint", "detect_format", "pretraining_format", "backbone_weights", "run_config",
+           "convert", "infer_resnet_arch"]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -108,8 +109,8 @@ def _state_dict_of(obj: Mapping[str, Any]) -> StateDict:
 
 def pretraining_format(obj: Mapping[str, Any]) -> str | None:
     """``moco-v1/v2`` or ``moco-v3`` for a pre-training checkpoint (official or a mocohub run's), else None."""
-    keys = _state_dict_of(obj)
-    return next((name for prefix, name in _ENCODERS.items() if any(k.startswith(prefix) for k in keys)), None)
+    prefix = _encoder_prefix(_state_dict_of(obj))
+    return None if prefix is None else _ENCODERS[prefix]
 
 
 def detect_format(obj: Mapping[str, Any]) -> str:
@@ -154,22 +155,48 @@ def _plain(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool)) or value is None
 
 
+def _encoder_prefix(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """The query encoder's prefix in a pre-training checkpoint; None for any other layout."""
+    return next((p for p in _ENCODERS if any(k.startswith(p) for k in sd)), None)
+
+
+def _classifier_name(sd: Mapping[str, torch.Tensor]) -> str:
+    """Where the model keeps its classifier (or, in a pre-training checkpoint, its projector)."""
+    return "head" if "cls_token" in sd else "fc"
+
+
+def backbone_weights(obj: Mapping[str, Any]) -> StateDict:
+    """The backbone's weights: a pre-training checkpoint's query encoder without its projector
+    (v1/v2 ``encoder_q`` minus fc, v3 ``base_encoder`` minus fc/head), any other layout whole."""
+    sd = _state_dict_of(obj)
+    prefix = _encoder_prefix(sd)
+    if prefix is None:
+        return sd
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    projector = f"{_classifier_name(sd)}."
+    return {k: v for k, v in sd.items() if not k.startswith(projector)}
+
+
+def run_config(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a mocohub training checkpoint carries (``{}`` for any other checkpoint)."""
+    section = obj.get("mocohub")
+    return dict(section.get("config", {})) if isinstance(section, Mapping) else {}
+
+
 def convert(obj: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) -> Backbone:
     """Turn any recognised checkpoint object into a backbone state dict and its config."""
     fmt = detect_format(obj)
-    sd = _state_dict_of(obj)
-    prefix = next((p for p in _ENCODERS if any(k.startswith(p) for k in sd)), None)
-    run_config = obj.get("mocohub", {}).get("config", {}) if isinstance(obj.get("mocohub"), Mapping) else {}
+    prefix = _encoder_prefix(_state_dict_of(obj))
+    sd, settings = backbone_weights(obj), run_config(obj)
     info: dict[str, Any] = {"converted_from": fmt}
-    if prefix is not None:
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if prefix == "encoder_q.":
-        info["moco_version"] = "v2" if "fc.0.weight" in sd else "v1" if "fc.weight" in sd else None
+    if prefix == "encoder_q.":  # the projector tells the generation: v2's is an MLP
+        head = _state_dict_of(obj)
+        info["moco_version"] = "v2" if "encoder_q.fc.0.weight" in head else "v1" if "encoder_q.fc.weight" in head else None
     elif prefix == "base_encoder.":
         info["moco_version"] = "v3"
     if isinstance(obj.get("epoch"), int):
         info["epochs"] = obj["epoch"]
-    info.update({k: v for k, v in run_config.items() if _plain(v)})
+    info.update({k: v for k, v in settings.items() if _plain(v)})
     info.update(meta or {})
 
     if ("conv1.weight" in sd or "conv1.0.weight" in sd) and "layer1.0.conv2.weight" in sd:
@@ -179,10 +206,10 @@ def convert(obj: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) ->
     elif "cls_token" in sd and "blocks.0.attn.qkv.weight" in sd:
         # MoCo v3 names its ViTs "vit_small"/"vit_base", in its linear-eval checkpoints too
         moco_v3 = prefix == "base_encoder." or obj.get("arch") in ("vit_small", "vit_base")
-        if moco_v3 and run_config.get("moco_version") == "v3":  # a mocohub run: its ViT at its training grid
+        if moco_v3 and settings.get("moco_version") == "v3":  # a mocohub run: its ViT at its training grid
             from ..training.algorithms import vit_args  # (training imports zoo: import here, not at the top)
-            arch, model_args = vit_architecture(run_config["arch"], **vit_args(int(run_config["image_size"]),
-                                                                               run_config.get("patch_size")))
+            arch, model_args = vit_architecture(settings["arch"], **vit_args(int(settings["image_size"]),
+                                                                             settings.get("patch_size")))
         else:
             arch, model_args = _infer_vit_arch(sd, moco_v3)
         classifier, stem = "head", "imagenet"
@@ -191,13 +218,11 @@ def convert(obj: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) ->
         sample = ", ".join(list(sd)[:5])
         raise MocohubError(f"unrecognised checkpoint layout (format {fmt}; first keys: {sample}); "
                            "mocohub reads MoCo v1/v2/v3 checkpoints and ResNet/ViT state dicts")
-    if prefix is not None:  # a pre-training checkpoint: its fc/head is a projector, never a classifier
-        sd = {k: v for k, v in sd.items() if not k.startswith(f"{classifier}.")}
     sd, num_classes = _split_classifier(sd, classifier)
-    if "image_size" in run_config:  # a mocohub run: normalised as its augmentation recipe was
-        mean, std = AUGMENTATIONS[run_config["aug"]][2] if run_config.get("aug") in AUGMENTATIONS \
+    if "image_size" in settings:  # a mocohub run: normalised as its augmentation recipe was
+        mean, std = AUGMENTATIONS[settings["aug"]][2] if settings.get("aug") in AUGMENTATIONS \
             else (pcfg["mean"], pcfg["std"])
-        pcfg = dict(pretrained_cfg_for(int(run_config["image_size"]), mean, std), first_conv=pcfg["first_conv"],
+        pcfg = dict(pretrained_cfg_for(int(settings["image_size"]), mean, std), first_conv=pcfg["first_conv"],
                     classifier=classifier)
     config = build_config(arch, num_features=_num_features(sd),
                           num_classes=num_classes, stem=stem, pretrained_cfg=pcfg, meta=info)

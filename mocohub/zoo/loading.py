@@ -12,11 +12,12 @@ import torch.nn as nn
 
 from ..backbones import apply_cifar_stem
 from ..errors import MocohubError
+from ..run_folder import RunFolder
 from .download import cached_backbone, download
 from .formats import Backbone, convert, read_checkpoint
 from .hub import HUB_PREFIX, download_hub_repo
 from .instantiate import build_loaded
-from .pretrained import CONFIG_NAME, RUN_CHECKPOINT, RUN_EXPORT, build_model, read_pretrained_dir
+from .pretrained import CONFIG_NAME, build_model, read_pretrained_dir
 from .registry import ALIASES, REGISTRY, get_model
 from .transforms import transform_for
 
@@ -25,15 +26,16 @@ __all__ = ["resolve_source", "from_pretrained", "zoo_model"]
 
 def _local(path: Path) -> Backbone:
     if path.is_dir():
-        if (path / RUN_EXPORT / CONFIG_NAME).is_file():
-            path = path / RUN_EXPORT
+        run = RunFolder(path)
+        if (run.backbone / CONFIG_NAME).is_file():
+            path = run.backbone
         if (path / CONFIG_NAME).is_file():
             state_dict, config = read_pretrained_dir(path)
             return Backbone(state_dict, config, "mocohub-export")
-        if not (path / RUN_CHECKPOINT).is_file():
+        if not run.checkpoint.is_file():
             raise MocohubError(f"{path} holds no model: expected {CONFIG_NAME} + model.safetensors, "
-                               f"a {RUN_EXPORT}/ export or a {RUN_CHECKPOINT}")
-        path = path / RUN_CHECKPOINT
+                               f"a {run.backbone.name}/ export or a {run.checkpoint.name}")
+        path = run.checkpoint
     return convert(read_checkpoint(path))
 
 
