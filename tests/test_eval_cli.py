@@ -83,3 +83,15 @@ def test_extract_command_and_bad_input(setup, tmp_path, capsys):
     flat = make_image_folder(tmp_path / "flat", per_class=2, labelled=False)
     assert main(["knn", model, "--train", str(flat), "--val", train, *FAST]) == 2
     assert "no class sub-folders" in capsys.readouterr().err
+
+
+def test_a_truncated_export_is_one_line_naming_the_file_and_the_way_out(setup, tmp_path, capsys):
+    model, train, val = setup
+    cut = mocohub.save_pretrained(mocohub.from_pretrained(model), tmp_path / "cut")
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy that stopped early
+    with pytest.raises(mocohub.MocohubError, match="model.safetensors is damaged"):
+        mocohub.from_pretrained(str(cut))
+    assert main(["knn", str(cut), "--train", train, "--val", val, *FAST]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"mocohub knn: error: {weights} is damaged") and f"mocohub convert CHECKPOINT {cut}" in line

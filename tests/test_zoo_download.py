@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -222,3 +223,26 @@ def test_download_killed_mid_transfer_leaves_no_file_under_the_cache_name(torch_
     del server.slow[url_path]
     model = mocohub.from_pretrained(url, progress=False)
     assert model.num_features == 512 and cache_file(url).is_file()
+
+
+def _closed_port_url() -> str:
+    """A loopback URL where nothing listens: connections are refused, as with no network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_offline_zoo_download_says_where_the_cache_is_and_what_works_instead(torch_home, monkeypatch):
+    monkeypatch.setenv("MOCOHUB_ZOO_URL", _closed_port_url())
+    start = time.perf_counter()
+    with pytest.raises(MocohubError) as refused:
+        mocohub.from_pretrained(ZOO_NAME, progress=False)
+    message = str(refused.value)
+    assert time.perf_counter() - start < 2 and "\n" not in message
+    assert "refused" in message.lower() and str(torch_home) in message and "$TORCH_HOME" in message
+    assert "local checkpoint file or folder" in message
+
+
+def test_a_missing_file_on_the_server_is_an_http_error_not_a_network_hint(torch_home, zoo_site):
+    with pytest.raises(MocohubError, match=r"could not download .*/nothing\.pth\.tar: HTTP 404"):
+        mocohub.from_pretrained(f"{zoo_site[0].url}/nothing.pth.tar", progress=False)

@@ -125,12 +125,28 @@ try:
 except mocohub.MocohubError as e:
     results["uncached"] = str(e)
 """, tmp_path, HF_ENDPOINT=server.url, HF_HUB_OFFLINE="1")
-    return online, offline
+    # the Hub gone (a loopback port that refuses connections), HF_HUB_OFFLINE not set: the cache, at once
+    down = run_client(f"""
+import time
+from mocohub.cli.main import main
+def timed(name, load):
+    start = time.perf_counter()
+    try:
+        results[name] = load()
+    except mocohub.MocohubError as e:
+        results[name] = str(e)
+    results[name + "_s"] = time.perf_counter() - start
+timed("cached", lambda: out(mocohub.from_pretrained("hf-hub:org/moco-r18")))
+timed("uncached", lambda: mocohub.from_pretrained("hf-hub:org/never-fetched"))
+timed("push", lambda: mocohub.push_to_hub(mocohub.from_pretrained({str(folder)!r}), "org/pushed-offline"))
+results["convert_rc"] = main(["convert", {str(checkpoint)!r}, {str(tmp_path / "offline")!r}, "--push", "org/x"])
+""", tmp_path, HF_ENDPOINT=online["server_url"])
+    return online, offline, down
 
 
 def test_hub_repo_loads_in_mocohub_and_timm_then_offline(export, hub):
     _, _, expected = export
-    results, offline = hub
+    results, offline, _ = hub
     assert "loads_error" not in results, results.get("loads_error")
     assert torch.equal(results["mocohub"], results["timm"])
     assert not torch.equal(results["mocohub"], expected)  # main moved on to the second commit
@@ -142,7 +158,7 @@ def test_hub_repo_loads_in_mocohub_and_timm_then_offline(export, hub):
 
 def test_push_to_hub_and_convert_push_round_trip(export, hub):
     _, _, expected = export
-    results, _ = hub
+    results, _, _ = hub
     assert "push_error" not in results, results.get("push_error")
     assert results["url"].startswith(f"{results['server_url']}/org/pushed/commit/") and results["rc"] == 0
     for key in ("pushed", "converted", "converted_timm"):
@@ -156,7 +172,18 @@ def test_config_and_weights_come_from_one_commit_while_the_branch_moves(export, 
     """A push landing between the client's two downloads must not pair one commit's config with
     another's weights."""
     _, _, expected = export
-    results, _ = hub
+    results, _, _ = hub
     assert "moving_error" not in results, results.get("moving_error")
     assert results["moved"]  # the branch did move mid-load
     assert results["moving_commit"] == "first" and torch.equal(results["moving_out"], expected)
+
+
+def test_an_unreachable_hub_fails_fast_and_says_how_to_work_offline(export, hub):
+    """Without HF_HUB_OFFLINE, huggingface_hub retried a refused Hub for 23 s before its message."""
+    results, _, down = hub
+    assert torch.equal(down["cached"], results["mocohub"]) and down["cached_s"] < 5
+    assert "not in the local Hub cache" in down["uncached"] and "HF_HUB_OFFLINE=1" in down["uncached"]
+    assert "cannot be reached" in down["uncached"] and down["uncached_s"] < 5
+    assert down["push"].startswith("push to Hub repo 'org/pushed-offline' failed") and down["push_s"] < 5
+    assert "cannot be reached" in down["push"] and "\n" not in down["push"]
+    assert down["convert_rc"] == 2

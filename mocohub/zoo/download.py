@@ -75,8 +75,14 @@ def _fetch(url: str, dest, name: str, progress: bool) -> tuple[dict[str, Any], l
             problems.append(f"truncated: got {received} of {total} bytes")
     except http.client.IncompleteRead as e:  # a chunked transfer that stopped before its end
         problems.append(f"truncated: the connection closed after {received + len(e.partial)} bytes")
+    except urllib.error.HTTPError as e:  # the server answered: the URL is wrong, not the network
+        raise MocohubError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
     except (urllib.error.URLError, OSError) as e:
-        raise MocohubError(f"could not download {url}: {e}") from e
+        reason = getattr(e, "reason", None) or e
+        raise MocohubError(f"could not download {url} ({getattr(reason, 'strerror', None) or reason}); "
+                           f"downloads are cached in {checkpoint_dir()} ($TORCH_HOME/hub/checkpoints): point "
+                           "$TORCH_HOME at a cache that holds it, or load a local checkpoint file or folder "
+                           "instead (from_pretrained('path/to/file.pth.tar'))") from e
     return {"size": received, **{algo: h.hexdigest() for algo, h in digests.items()}}, problems
 
 

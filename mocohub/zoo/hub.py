@@ -2,26 +2,55 @@
 
 Downloads go through huggingface_hub, so its cache, revisions and ``HF_HUB_OFFLINE`` all apply;
 a repo is a folder written by ``write_pretrained`` (the same files timm's ``hf-hub:`` loader reads).
+Without a network, huggingface_hub retries for about 20 s before it falls back to its cache: the Hub
+is probed first (one connection, a few seconds at most), and an unreachable Hub means the cache only.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
+import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import torch.nn as nn
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 
 from ..errors import MocohubError
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 
-__all__ = ["HUB_PREFIX", "parse_hub_source", "download_hub_repo", "push_folder", "push_to_hub"]
+__all__ = ["HUB_PREFIX", "parse_hub_source", "hub_unreachable", "download_hub_repo", "push_folder", "push_to_hub"]
 
 HUB_PREFIX = "hf-hub:"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+_PROBE_TIMEOUT_S = 3.0
+_OFFLINE_HINT = "with no network, set HF_HUB_OFFLINE=1 to use the local Hub cache without trying"
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures of the HTTP client huggingface_hub uses: requests' are OSErrors, httpx's are not."""
+    errors: list[type[BaseException]] = [OSError]
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(client).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub endpoint cannot be reached (refused, no route, no name), or None when it answers."""
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{constants.ENDPOINT} cannot be reached ({e.strerror or e})"
+    return None
 
 
 def parse_hub_source(source: str) -> tuple[str, str | None]:
@@ -37,8 +66,12 @@ def download_hub_repo(source: str) -> Path:
     repo_id, revision = parse_hub_source(source)
     from .. import __version__
 
+    offline = constants.HF_HUB_OFFLINE
+    unreachable = None if offline else hub_unreachable()
+
     def fetch(name: str, rev: str | None) -> Path:
-        return Path(hf_hub_download(repo_id, name, revision=rev, library_name="mocohub", library_version=__version__))
+        return Path(hf_hub_download(repo_id, name, revision=rev, library_name="mocohub", library_version=__version__,
+                                    local_files_only=bool(unreachable)))
 
     try:
         config = fetch(CONFIG_NAME, revision)
@@ -52,13 +85,17 @@ def download_hub_repo(source: str) -> Path:
     except RevisionNotFoundError as e:
         raise MocohubError(f"Hub repo {repo_id!r} has no revision {revision!r}") from e
     except LocalEntryNotFoundError as e:  # before its base class, EntryNotFoundError
-        raise MocohubError(f"{source} is not in the local Hub cache and the Hub cannot be reached "
-                           "(offline mode or no network)") from e
+        why = "HF_HUB_OFFLINE is set" if offline else unreachable or "the Hub cannot be reached"
+        hint = "" if offline else f"; {_OFFLINE_HINT}"
+        raise MocohubError(f"{source} is not in the local Hub cache ({constants.HF_HUB_CACHE}) and {why}: "
+                           f"load a local folder instead{hint}") from e
     except EntryNotFoundError as e:
         raise MocohubError(f"Hub repo {repo_id!r} is not a mocohub/timm model: it lacks "
                            f"{WEIGHTS_NAME} or {CONFIG_NAME}") from e
     except HfHubHTTPError as e:
         raise MocohubError(f"Hub request for {source} failed: {e}") from e
+    except _transport_errors() as e:  # the Hub went away between the probe and the download
+        raise MocohubError(f"Hub request for {source} failed ({e}); {_OFFLINE_HINT}") from e
     return weights.parent
 
 
@@ -73,6 +110,9 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
                                  commit_message=commit_message)
     except HfHubHTTPError as e:
         raise MocohubError(f"push to Hub repo {repo_id!r} failed: {e}") from e
+    except _transport_errors() as e:
+        raise MocohubError(f"push to Hub repo {repo_id!r} failed: {constants.ENDPOINT} cannot be reached ({e}); "
+                           "check the network (or HF_ENDPOINT) and push again") from e
     return info.commit_url
 
 

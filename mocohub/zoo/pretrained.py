@@ -15,10 +15,12 @@ import timm
 import torch
 import torch.nn as nn
 from timm.models import FeatureInfo
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import MocohubError
 from ..fileio import atomic_write
+from ..run_folder import CHECKPOINT
 from ..backbones import RESNET_ARCHS, create_resnet
 from .card import CARD_NAME, model_card
 from .instantiate import build_loaded
@@ -152,7 +154,12 @@ def read_pretrained_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     for f in (config_file, weights_file):
         if not f.is_file():
             raise FileNotFoundError(f"{folder} is not a mocohub model folder: {f.name} is missing")
-    return load_file(weights_file), json.loads(config_file.read_text())
+    try:
+        return load_file(weights_file), json.loads(config_file.read_text())
+    except (SafetensorError, ValueError, OSError) as e:  # cut short by a copy, a download or a full disk
+        bad = config_file if isinstance(e, ValueError) else weights_file  # (SafetensorError is no ValueError)
+        raise MocohubError(f"{bad} is damaged ({e}): copy the folder again, or write it anew from its checkpoint "
+                           f"with `mocohub convert CHECKPOINT {folder}` (a run's: RUN_DIR/{CHECKPOINT})") from e
 
 
 def load_pretrained_dir(path: str | os.PathLike) -> nn.Module:
