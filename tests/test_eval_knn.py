@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
@@ -10,6 +12,9 @@ from eval_fixtures import make_image_folder, tiny_resnet
 from mocohub.data.folder import ImageFolder, collate_images
 from mocohub.errors import MocohubError
 from mocohub.evaluation import compute_embeddings, knn_evaluate, knn_predict, topk_accuracy
+from mocohub.evaluation import knn as knn_module
+from mocohub.evaluation.embeddings import scoring_device, scratch_bytes
+from mocohub.evaluation.knn import knn_chunk_rows
 
 BANK = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
 BANK_LABELS = torch.tensor([0, 1, 1])
@@ -72,3 +77,70 @@ def test_knn_rejects_unlabelled_and_mismatched_folders(tmp_path):
         knn_evaluate(model, _loader(flat), _loader(train))
     with pytest.raises(MocohubError, match="different classes"):
         knn_evaluate(model, _loader(train), _loader(other))
+
+
+class _MatmulSizes(TorchDispatchMode):
+    """The element count of every matrix product's output while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("mm", "matmul", "addmm"):
+            self.sizes.append(out.numel())
+        return out
+
+
+@pytest.mark.parametrize("bank_rows, k, budget, expected", [
+    (1_281_167, 200, 256 << 20, 52),    # ImageNet's bank, the CPU's 256 MiB: 52 rows (was 1024: 5.2 GB)
+    (1_281_167, 200, 1 << 30, 209),     # a GPU's 1 GiB
+    (50_000, 200, 256 << 20, 1315),     # CIFAR-10
+    (10, 10, 100, 1),                   # never zero rows
+])
+def test_knn_chunk_rows_fit_the_memory_bound(bank_rows, k, budget, expected):
+    rows = knn_chunk_rows(bank_rows, k, budget)
+    assert rows == expected
+    per_row = bank_rows * 4 + k * 20
+    assert rows == 1 or rows * per_row <= budget < (rows + 1) * per_row
+
+
+def test_knn_default_chunks_respect_the_device_budget_and_equal_one_chunk(monkeypatch):
+    torch.manual_seed(0)
+    query = F.normalize(torch.randn(300, 64), dim=1)
+    bank = F.normalize(torch.randn(1000, 64), dim=1)
+    labels = torch.randint(0, 10, (1000,))
+    whole = knn_predict(query, bank, labels, 10, k=50, chunk_size=300)
+    budget = 40 * (1000 * 4 + 50 * 20) + 7  # 40 rows
+    monkeypatch.setattr(knn_module, "scratch_bytes", lambda device: budget, raising=False)
+    spy = _MatmulSizes()
+    with spy:
+        chunked = knn_predict(query, bank, labels, 10, k=50)
+    assert torch.equal(chunked, whole)
+    assert spy.sizes and max(spy.sizes) == 40 * 1000 and len(spy.sizes) == 8  # ceil(300 / 40) chunks
+
+
+def _fake_gpu(monkeypatch, free):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
+
+
+@pytest.mark.parametrize("requested, need, free, expected", [
+    (None, 1 << 30, 16 << 30, "cuda:0"),   # the visible GPU by default
+    (None, 10 << 30, 16 << 30, "cpu"),     # no room for the data and its chunks: the CPU, not an OOM
+    ("cuda:0", 0, 1 << 30, "cuda:0"),
+    ("cpu", 0, 16 << 30, "cpu"),           # --device cpu stays there
+])
+def test_scoring_device(monkeypatch, requested, need, free, expected):
+    _fake_gpu(monkeypatch, free)
+    assert scoring_device(requested, need) == torch.device(expected)
+
+
+@pytest.mark.parametrize("device, free, expected", [
+    ("cpu", 0, 256 << 20), ("cuda:0", 16 << 30, 1 << 30), ("cuda:0", 2 << 30, 512 << 20),
+])
+def test_scratch_bytes(monkeypatch, device, free, expected):
+    _fake_gpu(monkeypatch, free)
+    assert scratch_bytes(device) == expected

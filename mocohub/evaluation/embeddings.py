@@ -11,8 +11,11 @@ from tqdm.auto import tqdm
 from ..errors import MocohubError
 from ..precision import autocast, resolve_channels_last, resolve_precision
 
-__all__ = ["Embeddings", "model_device", "embed_batch", "iter_embeddings",
+__all__ = ["Embeddings", "model_device", "scoring_device", "scratch_bytes", "embed_batch", "iter_embeddings",
            "compute_embeddings", "concat_embeddings"]
+
+CPU_SCRATCH_BYTES = 256 << 20  # a kNN chunk's similarity rows on the CPU (was 1024 x bank: 5 GB at ImageNet size)
+MAX_GPU_SCRATCH_BYTES = 1 << 30  # larger chunks are no faster: the matmul is already saturated
 
 class Embeddings(NamedTuple):
     """Float32 features on the CPU (L2-normalised by default), in loader order, with what
@@ -28,6 +31,27 @@ def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a parameter-free model)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def scoring_device(device: torch.device | str | None = None, need_bytes: int = 0) -> torch.device:
+    """Where cached embeddings are scored (kNN, the L-BFGS probe): ``device``, by default this
+    process's GPU when one is visible; the CPU when that GPU lacks twice ``need_bytes`` free (the
+    data plus room for its chunks), rather than failing out of memory."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and 2 * need_bytes > torch.cuda.mem_get_info(device)[0]:
+        return torch.device("cpu")
+    return device
+
+
+def scratch_bytes(device: torch.device | str) -> int:
+    """Working memory a chunked scoring loop may take on ``device``: a quarter of a GPU's free memory
+    (at most 1 GiB), a fixed 256 MiB on the CPU. The best GPU chunk only a GPU can tell."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return min(torch.cuda.mem_get_info(device)[0] // 4, MAX_GPU_SCRATCH_BYTES)
+    return CPU_SCRATCH_BYTES
 
 
 def embed_batch(model: nn.Module, images: torch.Tensor, *, device: torch.device, precision: str = "auto",

@@ -7,21 +7,32 @@ import torch
 import torch.nn as nn
 
 from ..errors import MocohubError
-from .embeddings import Embeddings, compute_embeddings
+from .embeddings import Embeddings, compute_embeddings, model_device, scratch_bytes, scoring_device
 
-__all__ = ["knn_predict", "topk_accuracy", "knn_classify", "knn_evaluate"]
+__all__ = ["knn_predict", "knn_chunk_rows", "topk_accuracy", "knn_classify", "knn_evaluate"]
+
+
+def knn_chunk_rows(bank_rows: int, k: int, memory_bytes: int, element_bytes: int = 4) -> int:
+    """Query rows per chunk so that one chunk's working set fits ``memory_bytes``: its similarity
+    row against the whole bank, plus its top-k values, indices and votes."""
+    per_row = bank_rows * element_bytes + k * (element_bytes + 8 + 8)
+    return max(1, memory_bytes // per_row)
 
 
 def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
-                k: int = 200, t: float = 0.1, *, chunk_size: int = 1024) -> torch.Tensor:
-    """Class scores [N, C]: each of the k most similar bank rows votes exp(sim / t) for its label.
+                k: int = 200, t: float = 0.1, *, chunk_size: int | None = None) -> torch.Tensor:
+    """Class scores [N, C] on ``bank``'s device: each of the k most similar bank rows votes
+    exp(sim / t) for its label.
 
     ``query`` [N, D] and ``bank`` [M, D] are L2-normalised; queries are processed ``chunk_size``
-    at a time so the similarity matrix never exceeds chunk_size x M. k is clipped to M.
+    at a time (default: as many as fit ``scratch_bytes(bank.device)``), so the similarity matrix
+    never exceeds chunk_size x M. k is clipped to M.
     """
     if bank.shape[0] == 0:
         raise MocohubError("the kNN bank is empty: the train folder gave no embeddings")
     k = min(k, bank.shape[0])
+    if chunk_size is None:
+        chunk_size = knn_chunk_rows(bank.shape[0], k, scratch_bytes(bank.device), bank.element_size())
     bank_labels = bank_labels.to(bank.device).long()
     scores = []
     for start in range(0, query.shape[0], chunk_size):
@@ -30,7 +41,7 @@ def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tens
         votes = torch.zeros(sim.shape[0], num_classes, dtype=sim.dtype, device=sim.device)
         votes.scatter_add_(1, bank_labels[sim_index], (sim_weight / t).exp())
         scores.append(votes)
-    return torch.cat(scores) if scores else torch.zeros(0, num_classes, dtype=bank.dtype)
+    return torch.cat(scores) if scores else torch.zeros(0, num_classes, dtype=bank.dtype, device=bank.device)
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
@@ -40,14 +51,16 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     return [100.0 * hits[:, :min(k, scores.shape[1])].any(dim=1).float().mean().item() for k in ks]
 
 
-def knn_classify(train: Embeddings, val: Embeddings, num_classes: int, *, k: int = 200,
-                 t: float = 0.1) -> dict[str, Any]:
-    """kNN top-1/top-5 of ``val`` against the ``train`` bank (both labelled)."""
+def knn_classify(train: Embeddings, val: Embeddings, num_classes: int, *, k: int = 200, t: float = 0.1,
+                 device: torch.device | str | None = None) -> dict[str, Any]:
+    """kNN top-1/top-5 of ``val`` against the ``train`` bank (both labelled), scored on ``device``
+    (default: this process's GPU when one is visible, see ``scoring_device``)."""
     for name, emb in (("train", train), ("val", val)):
         if emb.labels.numel() and int(emb.labels.min()) < 0:
             raise MocohubError(f"the {name} images have no labels: kNN needs class sub-folders "
                                "(DIR/<class>/<image>)")
-    scores = knn_predict(val.features, train.features, train.labels, num_classes, k=k, t=t)
+    device = scoring_device(device, train.features.nbytes)
+    scores = knn_predict(val.features, train.features.to(device), train.labels, num_classes, k=k, t=t)
     top1, top5 = topk_accuracy(scores, val.labels)
     return {"top1": top1, "top5": top5, "k": min(k, len(train.labels)), "t": t,
             "num_train": len(train.labels), "num_val": len(val.labels),
@@ -74,4 +87,5 @@ def knn_evaluate(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
     opts = dict(device=device, precision=precision, channels_last=channels_last, progress=progress)
     train = compute_embeddings(model, train_loader, **opts)
     val = compute_embeddings(model, val_loader, **opts)
-    return knn_classify(train, val, _num_classes(train_loader, val_loader, train), k=k, t=t)
+    return knn_classify(train, val, _num_classes(train_loader, val_loader, train), k=k, t=t,
+                        device=device if device is not None else model_device(model))

@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 
 from ..errors import MocohubError
 from ..precision import autocast, resolve_channels_last, resolve_precision
-from .embeddings import Embeddings, model_device
+from .embeddings import Embeddings, model_device, scoring_device
 from .knn import topk_accuracy
 
 __all__ = [
     "LinearProtocol", "PROTOCOLS", "resolve_protocol", "new_linear_head", "lr_at_epoch",
-    "train_linear_head", "evaluate_head", "fit_linear_head", "fast_linear_probe", "DEFAULT_WEIGHT_DECAYS",
+    "train_linear_head", "evaluate_head", "fit_linear_head", "probe_bytes", "fast_linear_probe", "DEFAULT_WEIGHT_DECAYS",
 ]
 
 
@@ -150,21 +150,30 @@ def train_linear_head(backbone: nn.Module, train_loader: Iterable, val_loader: I
     return head.cpu(), metrics
 
 
+def probe_bytes(rows: int, dim: int, num_classes: int) -> int:
+    """Memory of a full-batch probe: raw and standardised features, logits with their softmax and gradient."""
+    return 4 * rows * (2 * dim + 3 * num_classes)
+
+
 def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-                    weight_decay: float = 1e-4, max_iter: int = 500) -> nn.Linear:
-    """Multinomial logistic regression by full-batch L-BFGS (CE + wd/2 * |W|^2).
+                    weight_decay: float = 1e-4, max_iter: int = 500,
+                    device: torch.device | str | None = None) -> nn.Linear:
+    """Multinomial logistic regression by full-batch L-BFGS (CE + wd/2 * |W|^2), on ``device``
+    (default: the GPU when one is visible and has room, see ``scoring_device``); the head is
+    returned on the CPU.
 
     Features are standardised for a well-conditioned problem, then the scaling is folded into
     the returned layer, so it applies to raw backbone features like an fc trained by SGD.
     """
-    x = features.float()
+    device = scoring_device(device, probe_bytes(*features.shape, num_classes))
+    x = features.to(device).float()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     x = (x - mean) / std
-    weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+    weight = torch.zeros(num_classes, x.shape[1], device=device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
                                   line_search_fn="strong_wolfe")
-    y = labels.long()
+    y = labels.to(device).long()
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -185,12 +194,14 @@ DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 def fast_linear_probe(train: Embeddings, val: Embeddings, num_classes: int, *,
                       weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, holdout: float = 0.2,
-                      max_iter: int = 500, seed: int = 0) -> tuple[nn.Linear, dict[str, Any]]:
+                      max_iter: int = 500, seed: int = 0,
+                      device: torch.device | str | None = None) -> tuple[nn.Linear, dict[str, Any]]:
     """Linear probe on cached (raw, not normalised) features; minutes instead of hours.
 
     With several ``weight_decays`` the best is chosen on a ``holdout`` fraction of the train
     images (split by image, so augmented copies of one image stay on one side), then the
-    head is refit on all of train and scored on val.
+    head is refit on all of train and scored on val. The fits run on ``device`` (see
+    ``fit_linear_head``).
     """
     if train.labels.numel() == 0 or int(train.labels.min()) < 0:
         raise MocohubError("the train images have no labels: a linear probe needs class sub-folders")
@@ -204,11 +215,12 @@ def fast_linear_probe(train: Embeddings, val: Embeddings, num_classes: int, *,
         is_held = torch.isin(train.indices, held)
         for wd in weight_decays:
             head = fit_linear_head(train.features[~is_held], train.labels[~is_held], num_classes,
-                                   weight_decay=wd, max_iter=max_iter)
+                                   weight_decay=wd, max_iter=max_iter, device=device)
             with torch.no_grad():
                 search[f"{wd:g}"] = topk_accuracy(head(train.features[is_held]), train.labels[is_held], (1,))[0]
         chosen = max(weight_decays, key=lambda wd: (search[f"{wd:g}"], wd))  # ties: stronger decay
-    head = fit_linear_head(train.features, train.labels, num_classes, weight_decay=chosen, max_iter=max_iter)
+    head = fit_linear_head(train.features, train.labels, num_classes, weight_decay=chosen, max_iter=max_iter,
+                           device=device)
     with torch.no_grad():
         top1, top5 = topk_accuracy(head(val.features), val.labels)
     return head, {"top1": top1, "top5": top5, "weight_decay": chosen, "holdout_top1": search,

@@ -1,7 +1,8 @@
 """The kNN monitor, sharded over every training process.
 
-Each rank embeds its share of the bank and of the queries, the bank shares are gathered, and each
-rank scores its queries against the whole bank; only the hit counts are summed. Nobody waits on
+Each rank embeds its share of the bank and of the queries, the bank shares are gathered on its
+device, and each rank scores its queries against the whole bank there (a GPU, not one CPU thread
+per rank); only the hit counts are summed. Nobody waits on
 an idle collective while one rank works through an ImageNet-sized bank, so the job never hits
 the collective timeout, and N processes finish about N times sooner.
 """
@@ -22,9 +23,10 @@ __all__ = ["sharded_knn"]
 
 
 def _gather_rows(rt: Runtime, rows: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows (shares may differ by one row: pad, gather, trim)."""
+    """Every rank's rows concatenated on this rank's device (shares may differ by one row: pad,
+    gather, trim)."""
     if rt.world == 1:
-        return rows
+        return rows.to(rt.device)
     sizes = [torch.zeros(1, dtype=torch.long, device=rt.device) for _ in range(rt.world)]
     dist.all_gather(sizes, torch.tensor([rows.shape[0]], device=rt.device))
     longest = int(max(s.item() for s in sizes))
@@ -32,7 +34,7 @@ def _gather_rows(rt: Runtime, rows: torch.Tensor) -> torch.Tensor:
     padded[:rows.shape[0]] = rows.to(rt.device)
     parts = [torch.empty_like(padded) for _ in range(rt.world)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)]).cpu()
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
 
 
 def _embed_share(rt: Runtime, model: nn.Module, dataset: Dataset, make_loader: Callable[[Dataset], DataLoader],
@@ -53,13 +55,12 @@ def sharded_knn(rt: Runtime, model: nn.Module, bank: Dataset, queries: Dataset,
     bank_x, bank_y = _embed_share(rt, model, bank, make_loader, dim, **opts)
     bank_x, bank_y = _gather_rows(rt, bank_x), _gather_rows(rt, bank_y)
     query_x, query_y = _embed_share(rt, model, queries, make_loader, dim, **opts)
-    hits = torch.zeros(3, dtype=torch.float64)
-    if query_x.shape[0]:
+    hits = torch.tensor([0.0, 0.0, len(query_y)], dtype=torch.float64, device=rt.device)  # top-1, top-5, n
+    if query_x.shape[0]:  # scored on the training device, in chunks sized to its free memory
         scores = knn_predict(query_x, bank_x, bank_y, num_classes, k=k, t=t)
-        top = scores.topk(min(5, num_classes), dim=1).indices == query_y.view(-1, 1)
-        hits = torch.tensor([top[:, 0].sum(), top.any(dim=1).sum(), len(query_y)], dtype=torch.float64)
+        top = scores.topk(min(5, num_classes), dim=1).indices == query_y.to(rt.device).view(-1, 1)
+        hits[0], hits[1] = top[:, 0].sum(), top.any(dim=1).sum()
     if rt.world > 1:
-        hits = hits.to(rt.device)
         dist.all_reduce(hits)
     top1, top5, n = hits.tolist()
     return {"knn_top1": 100.0 * top1 / max(n, 1), "knn_top5": 100.0 * top5 / max(n, 1)}
