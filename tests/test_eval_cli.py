@@ -95,3 +95,26 @@ def test_a_truncated_export_is_one_line_naming_the_file_and_the_way_out(setup, t
     assert main(["knn", str(cut), "--train", train, "--val", val, *FAST]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"mocohub knn: error: {weights} is damaged") and f"mocohub convert CHECKPOINT {cut}" in line
+
+
+def test_knn_refuses_k_zero_and_a_val_folder_without_classes(setup, tmp_path, capsys):
+    model, train, _ = setup
+    with pytest.raises(SystemExit) as usage:
+        main(["knn", model, "--train", train, "--val", train, "--k", "0", *FAST])
+    assert usage.value.code == 2 and "argument --k: must be above 0, got 0" in capsys.readouterr().err
+    flat = make_image_folder(tmp_path / "flat", per_class=2, labelled=False)
+    assert main(["knn", model, "--train", train, "--val", str(flat), *FAST]) == 2
+    assert capsys.readouterr().err == (f"mocohub knn: error: --val {flat} has no class sub-folders: "
+                                       "labels come from DIR/<class>/<image>\n")
+
+
+def test_lincls_v3_on_fewer_images_than_its_batch_says_the_batch_it_uses(setup, tmp_path, capsys):
+    model, train, val = setup
+    out = tmp_path / "v3"
+    assert main(["lincls", model, "--train", train, "--val", val, "--out", str(out), "--protocol", "v3",
+                 "--epochs", "1", *FAST]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "the v3 protocol's batch of 1024 is more than the 24 training images: batch 24, lr 0.00938 " \
+                    "(--batch-size sets it)"
+    (logged,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged["lr"] == pytest.approx(0.1 * 24 / 256)  # v3's rule, lr = 0.1 x batch / 256, first epoch

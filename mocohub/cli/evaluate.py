@@ -67,9 +67,21 @@ def model_slug(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
 
 
+def _positive(kind: Callable[[str], int | float]) -> Callable[[str], int | float]:
+    """An argparse type for a count or a scale that must be above zero (``--k 0`` would score chance)."""
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def _common(p: argparse.ArgumentParser, batch_size: int | None = 256) -> None:
     p.add_argument("model", metavar="MODEL", help="zoo name, folder, checkpoint file, URL or hf-hub:org/repo")
-    p.add_argument("--batch-size", type=int, default=batch_size, metavar="N")
+    p.add_argument("--batch-size", type=_positive(int), default=batch_size, metavar="N")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N", help="image decoding processes")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
@@ -107,8 +119,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=fmt)
     _common(p)
     _labelled(p)
-    p.add_argument("--k", type=int, default=200, help="neighbours (clipped to the train size)")
-    p.add_argument("--t", type=float, default=0.1, help="temperature of the exp(similarity / t) weights")
+    p.add_argument("--k", type=_positive(int), default=200, help="neighbours (clipped to the train size)")
+    p.add_argument("--t", type=_positive(float), default=0.1, help="temperature of the exp(similarity / t) weights")
     add_json_flag(p, KNN_KEYS)
     p.set_defaults(func=run)
 
@@ -151,8 +163,9 @@ def _loader(folder: str, transform: Callable, args: argparse.Namespace, hw: Hard
 
 def _classes(train: DataLoader, val: DataLoader) -> list[str]:
     train_classes, val_classes = train.dataset.classes, val.dataset.classes
-    if not train_classes:
-        raise MocohubError(f"{train.dataset.root} has no class sub-folders: labels come from DIR/<class>/<image>")
+    for flag, data in (("--train", train.dataset), ("--val", val.dataset)):
+        if not data.classes:
+            raise MocohubError(f"{flag} {data.root} has no class sub-folders: labels come from DIR/<class>/<image>")
     if train_classes != val_classes:
         raise MocohubError(f"train and val folders have different classes ({len(train_classes)} vs "
                            f"{len(val_classes)}): use the same class sub-folder names")
@@ -219,12 +232,18 @@ def _lincls(args: argparse.Namespace, hw: Hardware, start: float) -> int:
     else:
         if args.protocol == "v3" and hasattr(model, "patch_embed"):  # MoCo v3's ViT linear protocol: base lr 3
             args.protocol = "v3-vit"
-        protocol = resolve_protocol(args.protocol, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay, schedule=args.schedule,
-                                    batch_size=args.batch_size,
-                                    milestones=tuple(args.milestones) if args.milestones is not None else None)
+        overrides = dict(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                         schedule=args.schedule, batch_size=args.batch_size,
+                         milestones=tuple(args.milestones) if args.milestones is not None else None)
+        protocol = resolve_protocol(args.protocol, **overrides)
         train = _loader(args.train, train_transform(cfg), args, hw, shuffle=True, batch_size=protocol.batch_size)
         classes = _classes(train, val)
+        if args.batch_size is None and len(train.dataset) < protocol.batch_size:  # one step of all images per epoch
+            protocol = resolve_protocol(args.protocol, **{**overrides, "batch_size": len(train.dataset)})
+            train = _loader(args.train, train_transform(cfg), args, hw, shuffle=True, batch_size=protocol.batch_size)
+            say(f"the {args.protocol} protocol's batch of {PROTOCOLS[args.protocol].batch_size} is more than the "
+                f"{count(len(train.dataset))} training images: batch {protocol.batch_size}, lr {num(protocol.lr)} "
+                "(--batch-size sets it)", args.json)
 
         def on_epoch(m: dict[str, Any]) -> None:
             append_jsonl(metrics_file, [clean({"command": "lincls", "mode": args.protocol, **m})])

@@ -8,7 +8,7 @@ from ..zoo.hub import push_folder
 from ..zoo.loading import resolve_source
 from ..zoo.pretrained import write_pretrained
 from ..zoo.registry import ALIASES, REGISTRY, list_models, model_info
-from .output import add_json_flag, emit, params, table
+from .output import add_json_flag, emit, params, say, table
 
 __all__ = ["add_parser", "run"]
 
@@ -34,6 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--private", action="store_true", help="create the Hub repo as private")
     convert.add_argument("--to", choices=("mocohub", "detectron2"), default="mocohub",
                          help="detectron2: write OUT as a .pkl for detectron2's MODEL.WEIGHTS (ResNets)")
+    add_json_flag(convert, "command, source, to, out, format (the checkpoint layout read; null for detectron2), "
+                           "architecture, pushed (the commit URL, or null)")
     convert.set_defaults(func=run)
 
 
@@ -60,14 +62,21 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    result = {"command": "convert", "source": args.source, "to": args.to, "format": None, "architecture": None,
+              "pushed": None}
     if args.to == "detectron2":
-        print(f"{args.source} -> {convert_to_detectron2(args.source, args.out_dir)} (detectron2)")
+        result["out"] = str(convert_to_detectron2(args.source, args.out_dir))
+        emit(result, f"{args.source} -> {result['out']} (detectron2)", args.json)
         return 0
     backbone = resolve_source(args.source, check_hash=args.check_hash)
     out = write_pretrained(args.out_dir, backbone.state_dict, backbone.config, repo_id=args.push)
-    print(f"{args.source} ({backbone.format}, {backbone.config['architecture']}) -> {out}")
+    result.update(out=str(out), format=backbone.format, architecture=backbone.config["architecture"])
+    human = f"{args.source} ({backbone.format}, {backbone.config['architecture']}) -> {out}"
     if args.push:
-        print(f"pushed: {push_folder(out, args.push, private=args.private or None)}")
+        say(human, args.json)  # the folder is written even if the push then fails
+        result["pushed"] = push_folder(out, args.push, private=args.private or None)
+        human = f"pushed: {result['pushed']}"
+    emit(result, human, args.json)
     return 0
 
 

@@ -130,9 +130,13 @@ ALIASES: dict[str, str] = {"moco-r50": "moco-v2-r50-800ep", "moco-v3-r50": "moco
 
 
 def list_models(pattern: str | None = None, *, aliases: bool = False) -> list[str]:
-    """Zoo model names, optionally filtered by a shell-style ``pattern`` (e.g. ``"*v3*"``)."""
-    names = list(REGISTRY) + (list(ALIASES) if aliases else [])
-    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+    """Zoo model names, optionally filtered by a shell-style ``pattern`` (e.g. ``"*v3*"``); a pattern
+    that matches an alias (``"moco-r50"``) finds the model it names."""
+    def matches(name: str) -> bool:
+        return pattern is None or fnmatch.fnmatch(name, pattern)
+
+    names = [n for n in REGISTRY if matches(n) or any(matches(a) for a, target in ALIASES.items() if target == n)]
+    return names + [a for a in ALIASES if aliases and matches(a)]
 
 
 def get_model(name: str) -> ZooModel:
