@@ -4,12 +4,19 @@ All images live in a single shared-memory tensor (plus one tensor of offsets and
 loader workers read them without a copy: forked workers share the pages, and spawned ones
 receive a handle to the same memory. One big tensor rather than a list of arrays, because
 Python's reference counting writes to every object it touches and would unshare its page.
+
+Shared memory is a file system (``/dev/shm``), often far smaller than the machine's memory
+(Docker's default is 64 MB): writing past its free space kills the process with SIGBUS, so the
+budget comes from its free space, divided among the node's processes that each hold a copy.
+Given a barrier over the node's processes, ``open_cache`` decodes once per node instead: local
+rank 0 fills a named file there, the others map it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,12 +25,14 @@ from PIL import Image
 from ..errors import MocohubError
 from .convert import DECODE_ERRORS, load_rgb
 
-__all__ = ["CACHE_CHOICES", "ImageCache", "available_memory", "cache_budget", "estimate_decoded_bytes"]
+__all__ = ["CACHE_CHOICES", "SHM_DIR", "ImageCache", "available_memory", "shm_free_bytes", "local_processes",
+           "cache_budget", "cache_plan", "open_cache", "estimate_decoded_bytes"]
 
 CACHE_CHOICES = ("auto", "on", "off")
 MAX_CACHE_BYTES = 2 << 30
 HEADER_SAMPLE = 64
 DECODE_THREADS = min(8, os.cpu_count() or 1)  # PIL decodes without holding the GIL
+SHM_DIR = "/dev/shm"  # where torch's shared CPU tensors live (shm_open)
 
 
 def available_memory() -> int:
@@ -38,9 +47,48 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def cache_budget() -> int:
-    """The default cache budget: a quarter of the available memory, at most 2 GiB."""
-    return min(available_memory() // 4, MAX_CACHE_BYTES)
+def shm_free_bytes(path: str = SHM_DIR) -> int:
+    """Free space of the shared-memory file system (the available memory where there is none)."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return available_memory()
+    return stat.f_bavail * stat.f_frsize
+
+
+def local_processes() -> int:
+    """The processes of this node (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _budget(copies: int, shm_free: int, memory: int) -> int:
+    return min(shm_free // copies, memory // 4 // copies, MAX_CACHE_BYTES)
+
+
+def cache_budget(copies: int | None = None, *, shm_free: int | None = None, memory: int | None = None) -> int:
+    """Bytes one copy of the cache may take when ``copies`` copies live on this node (default: one
+    per local process): the shared-memory file system's free space and a quarter of the available
+    memory, shared among the copies, at most 2 GiB."""
+    return _budget(copies or local_processes(), shm_free_bytes() if shm_free is None else shm_free,
+                   available_memory() if memory is None else memory)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
+def cache_plan(decoded: int, copies: int, shm_free: int, memory: int) -> tuple[bool, str]:
+    """Whether ``copies`` copies of ``decoded`` bytes fit this node, and one line that says why."""
+    times = f" x {copies} processes" if copies > 1 else ""
+    if decoded <= _budget(copies, shm_free, memory):
+        return True, f"image cache on: {_mb(decoded)} decoded{times}, {_mb(shm_free)} free in {SHM_DIR}"
+    if decoded * copies > shm_free:
+        why = f"{SHM_DIR} has {_mb(shm_free)} free, the decoded set needs {_mb(decoded)}{times}"
+    elif decoded * copies > memory // 4:
+        why = f"the decoded set needs {_mb(decoded)}{times}, over a quarter of the {_mb(memory)} available memory"
+    else:
+        why = f"the decoded set needs {_mb(decoded)}, over the cache's cap of {_mb(MAX_CACHE_BYTES)}"
+    return False, f"image cache off: {why}; streaming from disk"
 
 
 def _rgb_bytes(path: str) -> int:
@@ -65,9 +113,11 @@ class ImageCache:
 
     ``cache[i]`` is image i as a (3, H, W) uint8 view (HWC in memory); it raises ``OSError`` for
     an image that could not be decoded, as opening the file would, so callers handle both alike.
+    With ``file`` the buffer (index, then pixels) is that file, mapped shared, for other
+    processes to ``attach``; without it, an anonymous shared-memory tensor.
     """
 
-    def __init__(self, paths: Sequence[str], budget: int):
+    def __init__(self, paths: Sequence[str], budget: int, *, file: str | None = None):
         self.paths = paths
         sizes = torch.tensor([_rgb_bytes(p) for p in paths], dtype=torch.int64)
         total = int(sizes.sum())
@@ -76,13 +126,30 @@ class ImageCache:
                                f"cache budget of {budget / 2**20:.0f} MiB: use cache_images='off' to stream "
                                "them from disk, or raise cache_budget")
         offsets = torch.cumsum(sizes, 0) - sizes
-        self.index = torch.zeros(len(paths), 3, dtype=torch.int64)  # offset, height, width (0: failed)
-        self.index[:, 0] = offsets
-        self.data = torch.empty(total, dtype=torch.uint8).share_memory_()
+        if file is None:
+            self.index = torch.zeros(len(paths), 3, dtype=torch.int64).share_memory_()
+            self.data = torch.empty(total, dtype=torch.uint8).share_memory_()
+        else:
+            self._map(file, total)
+        self.index[:, 0] = offsets  # offset, height, width (0: failed)
         with ThreadPoolExecutor(DECODE_THREADS) as pool:
             for i, shape in enumerate(pool.map(self._decode, range(len(paths)), offsets.tolist(), sizes.tolist())):
                 self.index[i, 1:] = torch.tensor(shape)
-        self.index.share_memory_()
+
+    def _map(self, file: str, total: int) -> None:
+        """Index and pixels as views of one shared mapping of ``file`` (created at that size if new)."""
+        head = len(self.paths) * 3 * 8
+        buffer = torch.from_file(file, shared=True, size=head + total, dtype=torch.uint8)
+        self.index = buffer[:head].view(torch.int64).view(len(self.paths), 3)
+        self.data = buffer[head:]
+
+    @classmethod
+    def attach(cls, paths: Sequence[str], file: str) -> ImageCache:
+        """The cache another process decoded into ``file``."""
+        cache = cls.__new__(cls)
+        cache.paths = paths
+        cache._map(file, os.path.getsize(file) - len(paths) * 3 * 8)
+        return cache
 
     def _decode(self, i: int, offset: int, size: int) -> tuple[int, int]:
         """Decode image i into its slot; (height, width), or (0, 0) when it cannot be decoded."""
@@ -107,3 +174,57 @@ class ImageCache:
         if height == 0:
             raise OSError(f"could not decode {self.paths[i]}")
         return self.data[offset:offset + height * width * 3].view(height, width, 3).permute(2, 0, 1)
+
+
+def _node_file(paths: Sequence[str]) -> str:
+    """A name every process of this job on this node derives alike, and no other job does."""
+    job = ":".join(os.environ.get(v, "") for v in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
+    digest = hashlib.sha1("\n".join([job, *paths]).encode()).hexdigest()[:16]
+    return os.path.join(SHM_DIR, f"mocohub-cache-{digest}")
+
+
+def open_cache(paths: Sequence[str], mode: str, budget: int | None = None, *,
+               barrier: Callable[[], None] | None = None) -> tuple[ImageCache | None, str]:
+    """The image cache of ``paths`` for ``mode`` (auto, on, off), and one line that says why.
+
+    Without ``barrier`` (or alone on the node) each process holds its own copy. With a barrier that
+    every process of the job enters, local rank 0 of each node decodes into a named file in
+    shared memory and the others map it: one copy per node; they follow rank 0's outcome.
+    ``mode="on"`` raises ``MocohubError`` where the cache does not fit (every process alike).
+    """
+    if mode == "off":
+        return None, "image cache off"
+    shared = barrier is not None and local_processes() > 1
+    if shared:
+        barrier()  # nothing of this cache is allocated yet: every process reads the same free space
+    copies = 1 if shared else local_processes()
+    decoded, shm_free, memory = estimate_decoded_bytes(paths), shm_free_bytes(), available_memory()
+    fits, why = cache_plan(decoded, copies, shm_free, memory)
+    if budget is not None:
+        fits = decoded <= budget
+        why = why if fits else f"image cache off: the decoded set needs {_mb(decoded)}, over the budget of {_mb(budget)}"
+    budget = _budget(copies, shm_free, memory) if budget is None else budget
+    file = _node_file(paths) if shared else None
+    cache, error = None, None
+    if (fits or mode == "on") and (not shared or int(os.environ.get("LOCAL_RANK", "0")) == 0):
+        if file is not None and os.path.exists(file):
+            os.unlink(file)  # left by a crashed run of the same job
+        try:
+            cache = ImageCache(paths, budget, file=file)
+        except MocohubError as e:
+            error, why = e, f"image cache off: {e}"
+    if shared:
+        barrier()  # rank 0's file is complete (or absent)
+        if cache is None and os.path.exists(file):
+            cache = ImageCache.attach(paths, file)
+        barrier()  # everyone has mapped it: the name can go, the memory stays until the last unmaps
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and os.path.exists(file):
+            os.unlink(file)
+    if cache is None and mode == "on":
+        raise error or MocohubError("cache_images='on': local rank 0 could not build the image cache (see its "
+                                    "message); use cache_images='off' to stream from disk")
+    if cache is None and fits and error is None:
+        why = "image cache off: local rank 0 did not build it; streaming from disk"
+    elif cache is not None and not fits:
+        why = f"image cache on (as asked): {_mb(cache.data.numel())} decoded"
+    return cache, why

@@ -1,0 +1,104 @@
+"""The image cache's budget and plan from the shared-memory file system's free space (faked
+statvfs in tables), a real small cache, and one copy per node shared by two real processes."""
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from mocohub.data import cache as cache_module
+from mocohub.data.cache import cache_budget, cache_plan, open_cache
+from mocohub.errors import MocohubError
+
+MB, GB = 10**6, 10**9
+
+
+@pytest.mark.parametrize("decoded, copies, shm, memory, fits, line", [
+    (150 * MB, 8, 64 * MB, 24 * GB, False,  # Docker's default /dev/shm, CIFAR-10 decoded by 8 ranks
+     "image cache off: /dev/shm has 64 MB free, the decoded set needs 150 MB x 8 processes; streaming from disk"),
+    (150 * MB, 8, 1 * GB, 24 * GB, False,  # a common GPU image's 1 GB: 1.2 GB needed
+     "image cache off: /dev/shm has 1000 MB free, the decoded set needs 150 MB x 8 processes; streaming from disk"),
+    (150 * MB, 1, 1 * GB, 24 * GB, True,  # decoded once for the node: fits
+     "image cache on: 150 MB decoded, 1000 MB free in /dev/shm"),
+    (150 * MB, 2, 12 * GB, 1 * GB, False,
+     "image cache off: the decoded set needs 150 MB x 2 processes, over a quarter of the 1000 MB available "
+     "memory; streaming from disk"),
+    (3 * GB, 1, 100 * GB, 100 * GB, False,
+     "image cache off: the decoded set needs 3000 MB, over the cache's cap of 2147 MB; streaming from disk"),
+])
+def test_cache_plan(decoded, copies, shm, memory, fits, line):
+    assert cache_plan(decoded, copies, shm, memory) == (fits, line)
+
+
+class _StatVfs:
+    def __init__(self, free):
+        self.f_bavail, self.f_frsize = free // 4096, 4096
+
+
+@pytest.mark.parametrize("shm, local_world, expected", [
+    (64 * 2**20, "8", 8 * 2**20),      # 64 MiB of /dev/shm for 8 processes' copies
+    (1 << 30, "1", 1 << 30),
+    (100 << 30, "2", 2 << 30),         # the 2 GiB cap (memory is 100 GiB)
+])
+def test_cache_budget_from_shm_free_space_and_local_processes(monkeypatch, shm, local_world, expected):
+    monkeypatch.setattr(cache_module.os, "statvfs", lambda path: _StatVfs(shm))
+    monkeypatch.setattr(cache_module, "available_memory", lambda: 400 << 30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert cache_budget() == expected
+
+
+def _images(root: Path, n: int = 6) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        pixels = np.random.default_rng(i).integers(0, 256, (8 + i, 10, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i}.png")
+        paths.append(str(root / f"{i}.png"))
+    return paths
+
+
+def test_a_full_shm_streams_with_a_line_and_on_refuses(monkeypatch, tmp_path):
+    paths = _images(tmp_path)
+    cache, line = open_cache(paths, "auto")
+    assert cache is not None and line.startswith("image cache on: ")
+    assert torch.equal(cache[3], torch.from_numpy(np.array(Image.open(paths[3]))).permute(2, 0, 1))
+    monkeypatch.setattr(cache_module.os, "statvfs", lambda path: _StatVfs(0))
+    cache, line = open_cache(paths, "auto")
+    assert cache is None and line.startswith("image cache off: /dev/shm has 0 MB free")
+    with pytest.raises(MocohubError, match="over the image cache budget"):
+        open_cache(paths, "on")
+    assert open_cache(paths, "off") == (None, "image cache off")
+
+
+def _node_worker(rank: int, port: int, root: str, out: str) -> None:
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    paths = sorted(str(p) for p in Path(root).glob("*.png"))
+    if rank == 1:  # only local rank 0 may decode
+        cache_module.load_rgb = None
+    cache, line = open_cache(paths, "auto", barrier=dist.barrier)
+    dist.barrier()
+    torch.save({"images": [cache[i].clone() for i in range(len(cache))], "failed": cache.failed, "line": line,
+                "leftover": os.path.exists(cache_module._node_file(paths))}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_the_processes_of_a_node_share_one_decoded_copy(tmp_path):
+    paths = _images(tmp_path / "images")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "result")
+    mp.start_processes(_node_worker, args=(port, str(tmp_path / "images"), out), nprocs=2, join=True,
+                       start_method="spawn")
+    results = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    for result in results:
+        assert result["failed"] == [] and result["line"].startswith("image cache on: ")
+        for path, image in zip(paths, result["images"]):
+            assert torch.equal(image, torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1))
+    assert not results[0]["leftover"] and not results[1]["leftover"]  # the name is gone, the mapping stayed
