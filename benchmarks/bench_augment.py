@@ -52,8 +52,13 @@ def _decode(item) -> Image.Image:
     return Image.open(io.BytesIO(item)).convert("RGB") if isinstance(item, bytes) else item
 
 
+def _on_gpu(device: str) -> bool:
+    """Whether ``device`` names a GPU ("cuda", "cuda:0"...): its work is timed by the wall clock."""
+    return torch.device(device).type == "cuda"
+
+
 def _clock(device: str) -> float:
-    return time.perf_counter() if device == "cuda" else time.process_time()
+    return time.perf_counter() if _on_gpu(device) else time.process_time()
 
 
 def _pil(name: str, size: int, device: str):
@@ -78,8 +83,8 @@ def _batched(name: str, size: int, device: str, photometry: bool = True):
         crops = default_collate([views(_decode(item)) for item in images])
         if photometry:
             views.augment(crops, device)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        if _on_gpu(device):
+            torch.cuda.synchronize(device)
         return _clock(device) - start
     return run
 
@@ -95,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, 1 thread, batched photometry on {args.device}, "
-          f"{'wall' if args.device == 'cuda' else 'CPU'} time"
+          f"{'wall' if _on_gpu(args.device) else 'CPU'} time"
           f"{', JPEG decoding included' if args.jpeg else ', decoded images'}")
     for name in args.recipes:
         size, source, n, batch = CASES[name]
@@ -107,7 +112,7 @@ def main() -> None:
         if not args.jpeg:  # what the image cache hands the loader workers
             cached = [pil_to_uint8(i) for i in images]
             variants["batched, from cached tensors"] = (_batched(name, size, args.device), cached)
-            if args.device == "cpu":
+            if not _on_gpu(args.device):
                 variants["loader part only (GPU photometry)"] = (_batched(name, size, args.device, False), cached)
         for run, items in variants.values():  # warm-up
             run(items[:batch])

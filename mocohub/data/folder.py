@@ -43,10 +43,11 @@ class ImageFolder(Dataset):
     otherwise every label is -1. Files with other extensions are listed in ``skipped``.
     With ``on_error="substitute"`` (training) an undecodable image is replaced by the next
     good one so batches keep their size; with ``"skip"`` (evaluation) it is dropped.
-    With a ``seed``, the random transform of sample i in epoch e draws from torch's CPU generator
-    seeded by (seed, e, i) (and restored after): augmentations then do not depend on worker
-    count, order or a resume. The CUDA generators are left alone (torch.manual_seed would reseed
-    them at every sample, e.g. the Shuffle-BN permutation's with workers=0).
+    With a ``seed``, the random transform of sample i in epoch e is keyed by ``sample_seed(seed, e,
+    i)``: a transform with ``keyed = True`` (``BatchedTwoViews``) gets it as ``key``, others draw
+    from torch's CPU generator seeded by it (and restored after): augmentations then do not depend
+    on worker count, order or a resume. The CUDA generators are left alone (torch.manual_seed
+    would reseed them at every sample, e.g. the Shuffle-BN permutation's with workers=0).
 
     ``cache_images``: "on" decodes every image once, here, into one shared-memory buffer that
     loader workers read without copies (a ``MocohubError`` if the decoded images exceed
@@ -126,8 +127,11 @@ class ImageFolder(Dataset):
             return image, label
         if self.seed is None:
             return self.transform(image), label
+        key = sample_seed(self.seed, self.epoch, index)
+        if getattr(self.transform, "keyed", False):
+            return self.transform(image, key=key), label
         with torch.random.fork_rng(devices=()):  # restores the CPU generator only: seed only it
-            torch.random.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
+            torch.random.default_generator.manual_seed(key)
             return self.transform(image), label
 
     def __getitem__(self, index: int):

@@ -1,76 +1,39 @@
 """One view of an augmentation recipe, described once and run two ways.
 
-A ``View`` is the official pipeline's steps in the official order: a RandomResizedCrop then
-stages (flip, colour jitter, grayscale, blur, solarize). Each stage builds its PIL transform
-(``pil``), draws its parameters from torch's global generator exactly as that torchvision
-transform does, in the same order and with the same conditional draws (``sample``, by torch
-calls; ``draw``, the same values computed from one read of the generator, see ``draws.py``), and
-applies itself in place to a chunk of float images given those parameters (``apply``). So for
-the same seed the batched pipeline uses the very parameters the PIL pipeline would have drawn.
+A ``View`` is the official pipeline's steps in the official order: a RandomResizedCrop, then
+stages (flip, colour jitter, grayscale, blur, solarize). Each stage has three faces:
 
-A view's parameters travel as one float row of ``NUM_PARAMS`` values (``pack``/``unpack``
-convert to and from the named form), so a sample's two views are one (2, NUM_PARAMS) tensor and
-a batch's one (N, 2, NUM_PARAMS) tensor.
+- ``pil()``: its torchvision / PIL transform, the reference pipeline (``two_views``, ``--aug-impl pil``);
+- ``draw(u, size)``: its parameters for N samples from an (N, ``draws``) array of uniforms, with
+  the distributions of that transform, as named host arrays (``Params``, samples first);
+- ``apply(x, host, dev, bound)``: itself, in place, on a chunk of float images in [0, bound]:
+  decisions from the ``host`` arrays, per-sample factors from ``dev`` (the float arrays on the
+  images' device; None for a single CPU image, which takes plain floats).
+
+A view's parameters are a ``ViewParams``: each stage's ``Params`` under its ``name`` (the crop
+box under "crop"). Adding an op is one ``Stage`` here and its test.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Sequence
 
-import math
-from functools import cached_property, lru_cache
-
+import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 from . import photometric as P
-from .draws import Words, exp32
 
-__all__ = ["Blur", "ColorJitter", "Flip", "GaussianBlur", "Grayscale", "NUM_PARAMS", "Solarize", "Stage", "View",
-           "blur_kernel_size", "pack", "unpack"]
+__all__ = ["Blur", "CROP_DRAWS", "ColorJitter", "Flip", "GaussianBlur", "Grayscale", "Params", "Solarize", "Stage",
+           "View", "ViewParams"]
 
-Params = dict[str, torch.Tensor]
-Row = list  # a view's parameters as floats, laid out by SLOTS
-
-SLOTS = {"flip": 0, "jitter": 1, "jitter_order": slice(2, 6), "jitter_factors": slice(6, 10), "gray": 10,
-         "blur_sigma": 11, "solarize": 12}
-NUM_PARAMS = 13
-NEUTRAL = (0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # what a stage a view lacks leaves
-_FLIP, _JITTER, _ORDER, _FACTORS, _GRAY, _SIGMA, _SOLARIZE = 0, 1, slice(2, 6), slice(6, 10), 10, 11, 12
-_FLAGS = ("flip", "jitter", "gray", "solarize")
-
-
-def pack(params: Params) -> torch.Tensor:
-    """Named parameters (``View.sample``'s) -> one float row of ``NUM_PARAMS``."""
-    row = torch.tensor(NEUTRAL)
-    for name, value in params.items():
-        row[SLOTS[name]] = value.float() if isinstance(value, torch.Tensor) else value
-    return row
-
-
-def unpack(packed: torch.Tensor) -> Params:
-    """Rows (..., NUM_PARAMS) -> named parameters with a leading batch shape: the flags as bool,
-    the jitter order as int64, the factors and sigma as float."""
-    out = {name: packed[..., where] for name, where in SLOTS.items()}
-    for name in _FLAGS:
-        out[name] = out[name] > 0.5
-    out["jitter_order"] = out["jitter_order"].long()
-    return out
-
-
-def _rand() -> float:
-    return torch.rand(1).item()
-
-
-def _applied(p: float) -> bool:
-    """torchvision's ``RandomApply`` coin: applied unless ``p < rand``."""
-    return not p < _rand()
-
-
-def blur_kernel_size(size: int) -> int:
-    """The SimCLR / MoCo v3 convention for a Gaussian blur kernel: about 10% of the image, odd."""
-    return max(3, int(0.1 * size) // 2 * 2 + 1)
+Params = dict[str, np.ndarray]  # one stage's parameters, samples on the first axis
+ViewParams = dict[str, Params]  # by stage name
+DevParams = dict[str, torch.Tensor]  # a stage's float parameters on the images' device
+CROP_DRAWS = 22  # RandomResizedCrop: 10 tries of (scale, log-ratio), then the top and left offsets
+_CROP_TRIES = 10
 
 
 class GaussianBlur:
@@ -100,158 +63,151 @@ class PILSolarize:
         return f"{type(self).__name__}()"
 
 
+def _coin(u: np.ndarray, p: float) -> np.ndarray:
+    """torchvision's coins: ``RandomApply`` skips when ``p < rand``, the random flip and grayscale
+    apply when ``rand < p`` (the same but on a set of measure zero)."""
+    return u < p
+
+
 class Stage:
-    """One random step after the crop. ``geometric`` stages run per sample in the loader worker.
+    """One random step after the crop. ``geometric`` stages run on the uint8 crop (the loader or
+    the batch crop), the others in ``apply``."""
 
-    ``apply(x, rows, bound)``: in place on a float chunk (N, 3, H, W) with values in [0, bound],
-    ``rows`` the chunk's parameter rows as Python lists (decisions are taken on the host, so
-    a GPU chunk never waits on a device-to-host copy).
-    """
-
+    name: ClassVar[str]
     geometric: ClassVar[bool] = False
-    max_words: ClassVar[int] = 1  # the most generator words ``draw`` can use
+    draws: ClassVar[int] = 1  # uniforms per sample
 
     def pil(self) -> Callable:
         raise NotImplementedError
 
-    def sample(self) -> Params:
+    def draw(self, u: np.ndarray, size: int) -> Params:
+        """Parameters for ``len(u)`` samples of views of ``size`` px from uniforms (N, draws)."""
+        return {"on": _coin(u[:, 0], self.p)}
+
+    def apply(self, x: torch.Tensor, host: Params, dev: DevParams | None, bound: float = 1.0) -> torch.Tensor:
         raise NotImplementedError
 
-    def draw(self, words: Words, row: Row) -> None:
-        """``sample``'s values, from ``words``, into the view's ``row``."""
-        raise NotImplementedError
+    def order_key(self, host: Params) -> np.ndarray:
+        """What the CPU path sorts a batch by, so that the samples this stage applies to form runs."""
+        return host["on"]
 
-    def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def _column(rows: list[Row], name: str) -> list:
-    return [row[SLOTS[name]] for row in rows]
+    def groups(self, host: Params) -> np.ndarray | None:
+        """Labels a CPU chunk never mixes (None: any samples may share a chunk)."""
+        return None
 
 
 @dataclass(frozen=True)
 class Flip(Stage):
     p: float = 0.5
+    name: ClassVar[str] = "flip"
     geometric: ClassVar[bool] = True
 
     def pil(self) -> Callable:
         return T.RandomHorizontalFlip(self.p)
 
-    def sample(self) -> Params:
-        return {"flip": torch.tensor(_rand() < self.p)}
 
-    def draw(self, words: Words, row: Row) -> None:
-        row[_FLIP] = float(words.rand() < self.p)
+_JITTER_NEUTRAL = np.array([1.0, 1.0, 1.0, 0.0])  # brightness, contrast, saturation factors; hue shift
+_HUE = 3
 
 
 @dataclass(frozen=True)
 class ColorJitter(Stage):
     """ColorJitter(brightness, contrast, saturation, hue), applied with probability ``p``
-    (``None``: always, without drawing a coin, as a bare ``T.ColorJitter`` does)."""
+    (``None``: always, as a bare ``T.ColorJitter``)."""
 
     brightness: float
     contrast: float
     saturation: float
     hue: float
     p: float | None = None
-    NEUTRAL: ClassVar[tuple] = (1.0, 1.0, 1.0, 0.0)
-    max_words: ClassVar[int] = 1 + 3 + 4  # the coin, randperm(4), four factors
+    name: ClassVar[str] = "jitter"
+    draws: ClassVar[int] = 1 + 4 + 4  # the coin, the order, the four factors
 
-    def _ranges(self) -> list[tuple[float, float] | None]:
-        return [(max(0.0, 1 - s), 1 + s) if s else None for s in (self.brightness, self.contrast, self.saturation)] \
-            + [(-self.hue, self.hue) if self.hue else None]
+    def _ranges(self) -> np.ndarray:
+        """(2, 4) low and high of each factor (equal, at the neutral value, for a disabled op)."""
+        low = [max(0.0, 1 - s) if s else 1.0 for s in (self.brightness, self.contrast, self.saturation)]
+        high = [1 + s if s else 1.0 for s in (self.brightness, self.contrast, self.saturation)]
+        return np.array([low + [-self.hue], high + [self.hue]])
 
     def pil(self) -> Callable:
         jitter = T.ColorJitter(self.brightness, self.contrast, self.saturation, self.hue)
         return jitter if self.p is None else T.RandomApply([jitter], p=self.p)
 
-    def sample(self) -> Params:
-        """``T.ColorJitter.get_params``'s draws: the order (a permutation of the 4 ops), then each
-        enabled factor uniformly in its range. A skipped jitter draws nothing more."""
-        on = self.p is None or _applied(self.p)
-        order, factors = torch.arange(4), torch.tensor(self.NEUTRAL)
-        if on:
-            order = torch.randperm(4)
-            for i, bounds in enumerate(self._ranges()):
-                if bounds is not None:
-                    factors[i] = torch.empty(1).uniform_(*bounds).item()
-        return {"jitter": torch.tensor(on), "jitter_order": order, "jitter_factors": factors}
+    def draw(self, u: np.ndarray, size: int) -> Params:
+        """``T.ColorJitter.get_params``' distributions: the 4 ops in a uniformly random order (the
+        ranks of 4 uniforms), each factor uniform in its range."""
+        on = np.ones(len(u), dtype=bool) if self.p is None else _coin(u[:, 0], self.p)
+        low, high = self._ranges()
+        return self.params(on, np.argsort(u[:, 1:5], axis=1), low + u[:, 5:9] * (high - low))
 
-    @cached_property
-    def _bounds(self) -> list[tuple[int, float, float]]:
-        return [(i, *bounds) for i, bounds in enumerate(self._ranges()) if bounds is not None]
+    def params(self, on: np.ndarray, order: np.ndarray, factor: np.ndarray) -> Params:
+        """The named parameters of given coins (N,), orders (N, 4: op ids, 0 brightness, 1 contrast,
+        2 saturation, 3 hue) and factors (N, 4, by op id), with what ``apply`` runs at each of the 4
+        positions: the blend ``alpha x + beta mean_luma + gamma luma`` (the identity where the op
+        there is hue, disabled, or the jitter is off) and the hue shift (0 where it is not hue)."""
+        factor = np.where(on[:, None], factor, _JITTER_NEUTRAL)
+        enabled = np.array([self.brightness, self.contrast, self.saturation, self.hue]) != 0
+        f = np.take_along_axis(factor, order, 1)
+        active = on[:, None] & enabled[order]
+        return {"on": on, "order": order, "factor": factor.astype(np.float32),
+                "alpha": np.where(active & (order < _HUE), f, 1.0).astype(np.float32),
+                "beta": np.where(active & (order == 1), 1 - f, 0.0).astype(np.float32),
+                "gamma": np.where(active & (order == 2), 1 - f, 0.0).astype(np.float32),
+                "hue_on": active & (order == _HUE),
+                "hue": np.where(active & (order == _HUE), f, 0.0).astype(np.float32)}
 
-    def draw(self, words: Words, row: Row) -> None:
-        if self.p is not None and self.p < words.rand():
-            return
-        row[_JITTER] = 1.0
-        row[_ORDER] = words.randperm4()
-        for i, low, high in self._bounds:
-            row[_FACTORS.start + i] = words.uniform(low, high)
-
-    def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
-        """At each of the 4 positions, each sample runs the op its order puts there. Brightness,
-        contrast and saturation are all blends (``P.blend``), so one call runs whichever of them
-        each sample has at that position; hue runs on the samples that have it there (the
-        batched pipeline sorts a chunk's samples by their hue position: one run, in place)."""
-        enabled = [bounds is not None for bounds in self._ranges()]
-        first = SLOTS["jitter_order"].start
-        factor0 = SLOTS["jitter_factors"].start
-        if len(rows) == 1 and x.device.type == "cpu":
-            row = rows[0]
-            if row[SLOTS["jitter"]] > 0.5:
-                ops = [int(op) for op in row[first:first + 4]]
-                _jitter_one(x, [(op, row[factor0 + op]) for op in ops if enabled[op]], bound)
+    def apply(self, x: torch.Tensor, host: Params, dev: DevParams | None, bound: float = 1.0) -> torch.Tensor:
+        """At each of the 4 positions every sample runs the op its order puts there: one blend call
+        for brightness, contrast and saturation alike, hue on the samples that have it there (the
+        CPU path sorts by hue position: one run)."""
+        if dev is None:
+            if host["on"][0]:
+                _jitter_one(x, host, bound)
             return x
-        for position in range(4):
-            alpha, beta, gamma, shifts, hue = [], [], [], [], []
-            clamp = False
-            for row in rows:
-                op = int(row[first + position]) if row[SLOTS["jitter"]] > 0.5 else -1
-                op = op if op >= 0 and enabled[op] else -1
-                f = row[factor0 + op] if op >= 0 else 0.0
-                alpha.append(f if 0 <= op <= 2 else 1.0)
-                beta.append(1.0 - f if op == 1 else 0.0)
-                gamma.append(1.0 - f if op == 2 else 0.0)
-                clamp = clamp or (0 <= op <= 2 and f > 1.0)
-                hue.append(op == 3)
-                shifts.append(f if op == 3 else 0.0)
-            if any(a != 1.0 for a in alpha):
-                P.blend(x, torch.tensor(alpha), torch.tensor(beta) if any(beta) else None,
-                        torch.tensor(gamma) if any(gamma) else None, bound=bound, clamp=clamp)
-            if any(hue):
-                P.apply_where(x, hue, P.adjust_hue, torch.tensor(shifts))
+        for j in range(4):
+            alpha, beta, gamma = host["alpha"][:, j], host["beta"][:, j], host["gamma"][:, j]
+            if (alpha != 1).any() or beta.any() or gamma.any():
+                P.blend(x, dev["alpha"][:, j], dev["beta"][:, j] if beta.any() else None,
+                        dev["gamma"][:, j] if gamma.any() else None, bound=bound, clamp=bool((alpha > 1).any()))
+            P.apply_where(x, host["hue_on"][:, j], P.adjust_hue, dev["hue"][:, j])
         return x
 
+    def order_key(self, host: Params) -> np.ndarray:
+        """Where the hue rotation sits in each sample's order (4: nowhere)."""
+        hue_on = host["hue_on"]
+        return np.where(hue_on.any(1), hue_on.argmax(1), 4)
 
-def _jitter_one(x: torch.Tensor, ops: list[tuple[int, float]], bound: float) -> None:
-    """One image's jitter, ops (id, factor) in order, merging runs of blends into one.
+    groups = order_key  # a chunk of one hue position: its hue is one run, and the blends skip that position
+
+
+def _jitter_one(x: torch.Tensor, host: Params, bound: float) -> None:
+    """One image's jitter in order, merging runs of blends into one pass.
 
     Brightness, contrast and saturation are each ``alpha x + beta mean_luma(x) + gamma luma(x)``
     then a clamp, and a factor <= 1 never needs the clamp (a blend of values in range, or a
     darkening). So a run of them whose every op but the last has a factor <= 1 composes into one
     blend (luma and mean luma of a blend are the same blend of them: the luma weights sum to
-    1 up to 1e-4), clamped once at the end: one pass for the run instead of one per op.
+    1 up to 1e-4), clamped once at the end.
     """
-    alpha, beta, gamma = 1.0, 0.0, 0.0  # the pending blend of x, not yet applied
-    for op, f in ops:
-        if op == 3:
-            _flush_blend(x, alpha, beta, gamma, bound)
-            alpha, beta, gamma = 1.0, 0.0, 0.0
-            P.adjust_hue(x, [f])
+    pending = (1.0, 0.0, 0.0)  # the blend of x not yet applied
+    for a, b, g, hue_on, shift in zip(host["alpha"][0].tolist(), host["beta"][0].tolist(), host["gamma"][0].tolist(),
+                                      host["hue_on"][0].tolist(), host["hue"][0].tolist()):
+        if hue_on:
+            _flush(x, pending, bound)
+            pending = (1.0, 0.0, 0.0)
+            P.adjust_hue(x, [shift])
             continue
-        a, b, g = (f, 0.0, 0.0) if op == 0 else (f, 1 - f, 0.0) if op == 1 else (f, 0.0, 1 - f)
-        alpha, beta, gamma = (a * alpha, a * beta + b * (alpha + beta + gamma) + g * beta,
-                              a * gamma + g * (alpha + gamma))
-        if f > 1.0:  # the result may leave the range: clamp it before anything else
-            _flush_blend(x, alpha, beta, gamma, bound, clamp=True)
-            alpha, beta, gamma = 1.0, 0.0, 0.0
-    _flush_blend(x, alpha, beta, gamma, bound)
+        alpha, beta, gamma = pending
+        pending = (a * alpha, a * beta + b * (alpha + beta + gamma) + g * beta, a * gamma + g * (alpha + gamma))
+        if a > 1.0:  # the result may leave the range: clamp it before anything else
+            _flush(x, pending, bound, clamp=True)
+            pending = (1.0, 0.0, 0.0)
+    _flush(x, pending, bound)
 
 
-def _flush_blend(x: torch.Tensor, alpha: float, beta: float, gamma: float, bound: float, clamp: bool = False) -> None:
-    if alpha != 1.0 or beta or gamma:
-        P.blend(x, [alpha], [beta], [gamma], bound=bound, clamp=clamp)
+def _flush(x: torch.Tensor, blend: tuple[float, float, float], bound: float, clamp: bool = False) -> None:
+    if blend != (1.0, 0.0, 0.0):
+        P.blend_one(x, *blend, bound=bound, clamp=clamp)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -261,18 +217,13 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Grayscale(Stage):
     p: float = 0.2
+    name: ClassVar[str] = "gray"
 
     def pil(self) -> Callable:
         return T.RandomGrayscale(self.p)
 
-    def sample(self) -> Params:
-        return {"gray": torch.tensor(_rand() < self.p)}
-
-    def draw(self, words: Words, row: Row) -> None:
-        row[_GRAY] = float(words.rand() < self.p)
-
-    def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
-        return P.apply_where(x, [g > 0.5 for g in _column(rows, "gray")], _gray)
+    def apply(self, x: torch.Tensor, host: Params, dev: DevParams | None, bound: float = 1.0) -> torch.Tensor:
+        return P.apply_where(x, host["on"], _gray)
 
 
 @dataclass(frozen=True)
@@ -280,54 +231,43 @@ class Blur(Stage):
     """Gaussian blur with sigma ~ U[sigma], applied with probability ``p``.
 
     The PIL pipeline blurs with ``ImageFilter.GaussianBlur(radius=sigma)`` (PIL's box-blur
-    approximation), as the official code; the batched one with an exact Gaussian of
-    ``blur_kernel_size(image size)`` taps (23 at 224 px), as torchvision's ``GaussianBlur``.
+    approximation of a Gaussian), as the official code; the batched one with the exact Gaussian,
+    its kernel covering 3 sigma of the view's largest sigma (``P.blur_radius``), edges repeated
+    as PIL does.
     """
 
     p: float = 0.5
     sigma: tuple[float, float] = (0.1, 2.0)
-    max_words: ClassVar[int] = 2
+    name: ClassVar[str] = "blur"
+    draws: ClassVar[int] = 2
 
     def pil(self) -> Callable:
         return T.RandomApply([GaussianBlur(self.sigma)], p=self.p)
 
-    def sample(self) -> Params:
-        sigma = torch.empty(1).uniform_(*self.sigma).item() if _applied(self.p) else 0.0
-        return {"blur_sigma": torch.tensor(sigma)}
+    def draw(self, u: np.ndarray, size: int) -> Params:
+        """The coin and sigma; ``taps``: each sample's kernel (the identity where not blurred)."""
+        on = _coin(u[:, 0], self.p)
+        low, high = self.sigma
+        sigma = np.where(on, low + u[:, 1] * (high - low), 0.0)
+        return {"on": on, "sigma": sigma.astype(np.float32),
+                "taps": P.gaussian_kernels(sigma, P.blur_radius(high, size))}
 
-    def draw(self, words: Words, row: Row) -> None:
-        if not self.p < words.rand():
-            row[_SIGMA] = words.uniform(*self.sigma)
-
-    def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
-        sigma = _column(rows, "blur_sigma")
-        size = blur_kernel_size(x.shape[-1])
-        return P.apply_where(x, [s > 0 for s in sigma], lambda y, s: P.gaussian_blur(y, s, size), torch.tensor(sigma))
+    def apply(self, x: torch.Tensor, host: Params, dev: DevParams | None, bound: float = 1.0) -> torch.Tensor:
+        if dev is None:
+            return P.apply_where(x, host["on"], P.blur, host["taps"])
+        return P.apply_where(x, host["on"], P.blur, host["taps"], dev["taps"])
 
 
 @dataclass(frozen=True)
 class Solarize(Stage):
     p: float = 0.2
+    name: ClassVar[str] = "solarize"
 
     def pil(self) -> Callable:
         return T.RandomApply([PILSolarize()], p=self.p)
 
-    def sample(self) -> Params:
-        return {"solarize": torch.tensor(_applied(self.p))}
-
-    def draw(self, words: Words, row: Row) -> None:
-        row[_SOLARIZE] = float(not self.p < words.rand())
-
-    def apply(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
-        return P.apply_where(x, [s > 0.5 for s in _column(rows, "solarize")],
-                             lambda y: P.solarize(y, 128 / 255 * bound, bound=bound))
-
-
-@lru_cache(maxsize=None)
-def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
-    """``torch.log(torch.tensor(ratio))``, as RandomResizedCrop.get_params computes it (float32)."""
-    low, high = torch.log(torch.tensor(ratio)).tolist()
-    return low, high
+    def apply(self, x: torch.Tensor, host: Params, dev: DevParams | None, bound: float = 1.0) -> torch.Tensor:
+        return P.apply_where(x, host["on"], lambda y: P.solarize(y, 128 / 255 * bound, bound=bound))
 
 
 @dataclass(frozen=True)
@@ -344,54 +284,49 @@ class View:
                 *(stage.pil() for stage in self.stages)]
 
     @property
-    def max_words(self) -> int:
-        """The most generator words ``draw`` can use: 10 crop tries of 2, the offsets, the stages."""
-        return 22 + sum(stage.max_words for stage in self.stages)
+    def draws(self) -> int:
+        """Uniforms per sample: the crop's, then each stage's, in order."""
+        return CROP_DRAWS + sum(stage.draws for stage in self.stages)
 
-    def sample(self, image: torch.Tensor) -> tuple[tuple[int, int, int, int], Params]:
-        """The crop box (top, left, height, width) by ``T.RandomResizedCrop.get_params`` itself,
-        then every stage's parameters, in the PIL pipeline's order of draws (torch calls)."""
-        box = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
-        params: Params = {}
+    def draw(self, u: np.ndarray, sizes: np.ndarray, geometric_only: bool = False) -> ViewParams:
+        """Every sample's parameters from its uniforms (N, ``draws``) and its image's (height,
+        width) (N, 2): the crop's under "crop", then each stage's (only the geometric ones' with
+        ``geometric_only``). Each stage reads its own columns, so drawing a part draws the same."""
+        params: ViewParams = {"crop": {"box": self._crop_boxes(u[:, :CROP_DRAWS], sizes)}}
+        column = CROP_DRAWS
         for stage in self.stages:
-            params.update(stage.sample())
-        return box, params
+            if stage.geometric or not geometric_only:
+                params[stage.name] = stage.draw(u[:, column:column + stage.draws], self.size)
+            column += stage.draws
+        return params
 
-    def draw(self, words: Words, height: int, width: int) -> tuple[tuple[int, int, int, int], Row]:
-        """``sample``'s box and parameters (as a row), computed from ``words``."""
-        return self._crop_box(words, height, width), self._draw_stages(words)
+    def _crop_boxes(self, u: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """(N, 4) boxes (top, left, height, width): ``T.RandomResizedCrop.get_params`` for every
+        sample at once. Ten tries of an area ~ U[scale] of the image and a log-ratio ~ U[log
+        ratio], the first that fits, at a uniform position; none fits: the central crop of the
+        nearest allowed ratio. (Few numpy calls: the loader draws one sample at a time.)"""
+        n, size = len(u), sizes.astype(np.float64)  # (height, width)
+        low, high = self.scale
+        area = np.sqrt(size.prod(1, keepdims=True) * (u[:, :_CROP_TRIES] * (high - low) + low))
+        low, high = (math.log(r) / 2 for r in self.ratio)
+        root_aspect = np.exp(u[:, _CROP_TRIES:2 * _CROP_TRIES] * (high - low) + low)  # sqrt of the aspect ratio
+        hw = np.rint(np.stack([area / root_aspect, area * root_aspect], -1))  # (N, tries, 2): h, w
+        fits = ((hw > 0) & (hw <= size[:, None])).all(-1)
+        chosen = hw[np.arange(n), fits.argmax(1)]
+        offsets = np.floor(u[:, 2 * _CROP_TRIES:] * (size - chosen + 1))
+        missed = ~fits.any(1)
+        if missed.any():
+            height, width = size[missed].T
+            in_ratio, low, high = width / height, min(self.ratio), max(self.ratio)
+            chosen[missed] = np.stack([np.where(in_ratio < low, np.rint(width / low), height),
+                                       np.where(in_ratio > high, np.rint(height * high), width)], 1)
+            offsets[missed] = (size[missed] - chosen[missed]) // 2
+        return np.concatenate([offsets, chosen], 1).astype(np.int64)
 
-    def _draw_stages(self, words: Words) -> Row:
-        row = list(NEUTRAL)
-        for stage in self.stages:
-            stage.draw(words, row)
-        return row
-
-    def _crop_box(self, words: Words, height: int, width: int) -> tuple[int, int, int, int]:
-        """``T.RandomResizedCrop.get_params``, line by line."""
-        area = height * width
-        log_ratio = _log_ratio(self.ratio)
-        for _ in range(10):
-            target_area = area * words.uniform(*self.scale)
-            aspect_ratio = exp32(words.uniform(*log_ratio))
-            w = int(round(math.sqrt(target_area * aspect_ratio)))
-            h = int(round(math.sqrt(target_area / aspect_ratio)))
-            if 0 < w <= width and 0 < h <= height:
-                return words.randint(height - h + 1), words.randint(width - w + 1), h, w
-        in_ratio = float(width) / float(height)
-        if in_ratio < min(self.ratio):
-            w = width
-            h = int(round(w / min(self.ratio)))
-        elif in_ratio > max(self.ratio):
-            h = height
-            w = int(round(h * max(self.ratio)))
-        else:
-            w, h = width, height
-        return (height - h) // 2, (width - w) // 2, h, w
-
-    def photometric(self, x: torch.Tensor, rows: list[Row], bound: float = 1.0) -> torch.Tensor:
+    def photometric(self, x: torch.Tensor, host: ViewParams, dev: dict[str, DevParams] | None,
+                    bound: float = 1.0) -> torch.Tensor:
         """The non-geometric stages, in order, in place on a float chunk in [0, bound]."""
         for stage in self.stages:
             if not stage.geometric:
-                x = stage.apply(x, rows, bound)
+                x = stage.apply(x, host[stage.name], None if dev is None else dev.get(stage.name, {}), bound)
         return x
