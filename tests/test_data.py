@@ -166,7 +166,8 @@ def test_image_cache_budget(mixed):
     with pytest.warns(UserWarning):
         assert ImageFolder(mixed, cache_images="auto").cache is not None  # a few KB
     with pytest.warns(UserWarning):
-        assert ImageFolder(mixed, cache_images="auto", cache_budget=1000).cache is None  # streams
+        streamed = ImageFolder(mixed, cache_images="auto", cache_budget=1000)  # streams, and says why
+    assert streamed.cache is None and "over the budget of" in streamed.cache_note
     with pytest.warns(UserWarning), pytest.raises(MocohubError, match="cache_images='off'"):
         ImageFolder(mixed, cache_images="on", cache_budget=1000)
     with pytest.raises(ValueError, match="auto, on, off"):

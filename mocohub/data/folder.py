@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import MocohubError
-from .cache import CACHE_CHOICES, ImageCache, cache_budget, estimate_decoded_bytes
+from .cache import CACHE_CHOICES, ImageCache, open_cache
 from .convert import DECODE_ERRORS, load_rgb, uint8_to_pil
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_WORKERS", "ImageFolder", "Batch", "collate_images", "load_rgb", "sample_seed"]
@@ -51,15 +51,19 @@ class ImageFolder(Dataset):
 
     ``cache_images``: "on" decodes every image once, here, into one shared-memory buffer that
     loader workers read without copies (a ``MocohubError`` if the decoded images exceed
-    ``cache_budget`` bytes, default min(25% of available memory, 2 GiB)); "auto" does so when an
-    estimate from a sample of headers fits the budget, and streams from disk otherwise; "off"
-    always streams. Transforms with ``accepts_tensors = True`` then get the cached (3, H, W)
+    ``cache_budget`` bytes, default: the free space of /dev/shm and a quarter of the available
+    memory, shared among the node's processes (LOCAL_WORLD_SIZE), at most 2 GiB); "auto" does so
+    when an estimate from a sample of headers fits the budget, and streams from disk otherwise;
+    "off" always streams. ``cache_barrier`` (entered by every process of the job): one copy per
+    node, decoded by its local rank 0 (``cache.open_cache``). ``cache_note`` says in one line what
+    was chosen and why. Transforms with ``accepts_tensors = True`` then get the cached (3, H, W)
     uint8 tensors, others PIL images as usual.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None, *,
                  on_error: str = "substitute", extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                 seed: int | None = None, cache_images: str = "off", cache_budget: int | None = None):
+                 seed: int | None = None, cache_images: str = "off", cache_budget: int | None = None,
+                 cache_barrier: Callable[[], None] | None = None):
         if on_error not in ("substitute", "skip"):
             raise ValueError(f"on_error must be 'substitute' or 'skip', not {on_error!r}")
         if cache_images not in CACHE_CHOICES:
@@ -88,21 +92,9 @@ class ImageFolder(Dataset):
         if self.skipped:
             warnings.warn(f"{len(self.skipped)} non-image file(s) under {self.root} ignored, "
                           f"e.g. {self.skipped[0]}", stacklevel=2)
-        self.cache = self._make_cache(cache_images, cache_budget)
-
-    def _make_cache(self, mode: str, budget: int | None) -> ImageCache | None:
-        if mode == "off":
-            return None
-        budget = cache_budget() if budget is None else budget
-        paths = [p for p, _ in self.samples]
-        if mode == "auto" and estimate_decoded_bytes(paths) > budget:
-            return None
-        try:
-            return ImageCache(paths, budget)
-        except MocohubError:
-            if mode == "on":
-                raise
-            return None  # the estimate was too low: stream
+        self.cache: ImageCache | None
+        self.cache, self.cache_note = open_cache([p for p, _ in self.samples], cache_images, cache_budget,
+                                                 barrier=cache_barrier)
 
     def __len__(self) -> int:
         return len(self.samples)
