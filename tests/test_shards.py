@@ -66,6 +66,21 @@ def test_round_trip_count_bytes_labels_keys(folder, tmp_path):
     assert [s["png"] for s in seen] == [open(p, "rb").read() for p, _ in flat.samples]
 
 
+def test_index_files_are_used_and_a_stale_one_ignored(folder, tmp_path, monkeypatch):
+    result = _write(folder, tmp_path / "out")
+    first = tmp_path / "out" / result["shards"][0]
+    assert all((tmp_path / "out" / f"{name}.index.json").exists() for name in result["shards"])
+    with monkeypatch.context() as m:  # the headers are not read when the index files describe the shards
+        m.setattr("mocohub.data.shards.scan_shard", lambda path: pytest.fail(f"scanned {path}"))
+        assert len(ShardImages(result["pattern"])) == N
+    with tarfile.open(first) as tar:  # the shard rewritten with one more sample: its index is stale
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    _tar(first, members + [("cat/zz.png", _png(77))])
+    ds = ShardImages(result["pattern"], _pixel)
+    extra = next(i for i, (p, _) in enumerate(ds.samples) if p.endswith("cat/zz.png"))
+    assert len(ds) == N + 1 and ds[extra][0].item() == 77
+
+
 def test_same_augmentations_as_the_folder(folder, tmp_path):
     """The per-sample seeds (seed, epoch, index) are the folder's: a seeded random crop is the same."""
     from torchvision import transforms as T  # here: the spawned gloo ranks import this module

@@ -6,8 +6,9 @@ sub-folders), the key being the image's path relative to the folder without its 
 and ``%`` escaped as ``%2E``/``%25``: WebDataset ends a key at the first dot). So the class and the
 path travel in the key, and a sample's name is the same under a folder and under its shards.
 
-Reading (``ShardImages``) is map-style: the tar headers of every shard are read once at the start
-(member names and byte offsets, no image decoded), and sample i is read at its offset. Sampling,
+Reading (``ShardImages``) is map-style: every shard's member names and byte offsets are indexed
+once at the start, from the index file ``mocohub shards`` writes beside each shard or else from
+the tar headers (no image read or decoded), and sample i is read at its offset. Sampling,
 epochs, per-sample augmentation seeds and mid-epoch resume are then exactly the folder's
 (``ResumableSampler`` over ``len(dataset)``): every image once per epoch across all processes
 under the same global batches, and a resume starts at its step reading only the images left.
@@ -51,12 +52,13 @@ from .cache import ImageCache, cache_budget, estimate_decoded_bytes
 from .convert import load_rgb
 from .folder import IMAGE_EXTENSIONS, ImageFolder
 
-__all__ = ["SHARDS_INSTALL", "DEFAULT_SHARD_BYTES", "ShardImages", "Shard", "is_shard_source", "shard_paths",
-           "scan_shard", "write_shards"]
+__all__ = ["SHARDS_INSTALL", "DEFAULT_SHARD_BYTES", "ShardImages", "Shard", "index_shard", "is_shard_source",
+           "scan_shard", "shard_paths", "write_shards"]
 
 SHARDS_INSTALL = "pip install 'mocohub[shards]'"
 DEFAULT_SHARD_BYTES = 10 ** 9
 MANIFEST_SUFFIX = ".shards.json"
+INDEX_SUFFIX = ".index.json"
 FORMAT = "mocohub-shards/1"
 MAX_OPEN_SHARDS = 64  # file handles kept open per process: random access touches every shard
 TRAILER_CHECK = 1 << 20  # bytes after the last member read to tell end padding from a damaged header
@@ -139,13 +141,44 @@ def scan_shard(path: str) -> Shard:
                 problems.append(f"a damaged tar header at byte {end} (the sample there is lost)")
             if member.isreg():
                 members.append((member.name, member.offset_data, member.size))
-            end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            end = member.offset_data + _padded(member.size)
     tail = size - end
     if members and members[-1][1] + members[-1][2] > size:
         problems.append(f"the file ends inside {members[-1][0]} (truncated: the samples after it are lost)")
     elif tail > TRAILER_CHECK or tail > 0 and _nonzero(path, end, tail):
         problems.append(f"a damaged tar header after byte {end} (the samples after it are lost)")
     return Shard(members, problems)
+
+
+def _padded(size: int) -> int:
+    """A member's data length in the archive: whole 512-byte blocks."""
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def index_shard(path: str) -> Shard:
+    """The shard's members from its index file ``<shard>.index.json`` (written by ``mocohub shards``)
+    when it still describes the shard (the same file size, the last member's header where it says,
+    the end of the archive after it), else from the tar headers: an index loads in milliseconds, a
+    header scan takes about 40 us per member."""
+    try:
+        saved = json.loads(Path(path + INDEX_SUFFIX).read_text())
+        name, offset, size = saved["members"][-1]
+        with open(path, "rb") as f:
+            f.seek(offset - tarfile.BLOCKSIZE)
+            header = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+            f.seek(offset + _padded(size))
+            ends = not any(f.read(tarfile.BLOCKSIZE))
+        if saved["size"] == os.path.getsize(path) and header.size == size and ends:
+            return Shard([tuple(m) for m in saved["members"]], [])
+    except (OSError, ValueError, KeyError, IndexError, tarfile.TarError):
+        pass  # no index, or not this shard's: read the headers
+    return scan_shard(path)
+
+
+def _save_index(path: str, shard: Shard) -> None:
+    """Keep a clean shard's member list beside it, for ``index_shard``."""
+    index = {"size": os.path.getsize(path), "members": shard.members}
+    atomic_write(path + INDEX_SUFFIX, lambda tmp: Path(tmp).write_text(json.dumps(index, separators=(",", ":"))))
 
 
 def _nonzero(path: str, offset: int, size: int) -> bool:
@@ -216,7 +249,7 @@ class ShardImages(ImageFolder):
         names, labels, where, self.skipped = [], [], [], []
         image_exts = {e.lstrip(".").lower() for e in extensions}
         for s, path in enumerate(self.shards):
-            shard = scan_shard(path)
+            shard = index_shard(path)
             for problem in shard.problems:
                 warnings.warn(f"shard {path}: {problem}", stacklevel=2)
             for key, members in _group(shard.members):
@@ -320,7 +353,19 @@ def _finished(out: Path, prefix: str) -> list[Path]:
 
 
 def _keys(paths: Sequence[Path]) -> list[str]:
-    return [key for p in paths for key, _ in _group(scan_shard(str(p)).members)]
+    return [key for p in paths for key, _ in _group(index_shard(str(p)).members)]
+
+
+def _check_and_index(paths: Sequence[Path]) -> list[str]:
+    """The keys in the finished shards, from their tar headers; each clean shard's index saved."""
+    keys = []
+    for path in paths:
+        shard = scan_shard(str(path))
+        if shard.problems:
+            raise MocohubError(f"{path}: {shard.problems[0]}: delete it and the shards after it, then write again")
+        _save_index(str(path), shard)
+        keys.extend(key for key, _ in _group(shard.members))
+    return keys
 
 
 def write_shards(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -360,7 +405,7 @@ def write_shards(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                                   "the finished shards are kept") from e
         raise
     shards = _finished(out, prefix)
-    written = _keys(shards)
+    written = _check_and_index(shards)
     if written != keys:
         raise MocohubError(f"the shards in {out} hold {len(written)} samples, {data_dir} has {len(keys)} images "
                            f"(or other names): the folder changed while writing; delete {out} and write again")
