@@ -8,9 +8,15 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-__all__ = ["CARD_NAME", "model_card"]
+__all__ = ["CARD_NAME", "TIMM_LOCAL_LINE", "model_card"]
 
 CARD_NAME = "README.md"
+# timm from a local export folder: its pretrained_cfg (num_classes, mean, std, input size) makes timm build the
+# model without a classifier and load the weights strictly; model_args rebuild a ViT's grid and heads.
+TIMM_LOCAL_LINE = ("import json, timm\n"
+                   'cfg = json.load(open("FOLDER/config.json"))\n'
+                   'model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],\n'
+                   '                          pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file="FOLDER/model.safetensors"))')
 _CITATIONS = {
     "v1": "@inproceedings{he2020momentum,\n  title={Momentum Contrast for Unsupervised Visual Representation "
           "Learning},\n  author={He, Kaiming and Fan, Haoqi and Wu, Yuxin and Xie, Saining and Girshick, Ross},"
@@ -24,11 +30,14 @@ _CITATIONS = {
 }
 
 
-def _front_matter(meta: Mapping[str, Any], version: str | None) -> str:
-    tags = ["image-feature-extraction", "timm", "mocohub", "moco", "self-supervised", "contrastive-learning"]
+def _front_matter(meta: Mapping[str, Any], version: str | None, timm_loads: bool) -> str:
+    """The Hub's metadata; a library_name of timm makes the Hub offer timm's loading line, so only where it works."""
+    library = "timm" if timm_loads else "mocohub"
+    tags = ["image-feature-extraction", *(["timm"] if timm_loads else []), "mocohub", "moco", "self-supervised",
+            "contrastive-learning"]
     if version:
         tags.append(f"moco-{version}")
-    lines = ["---", "library_name: timm", f"license: {meta.get('license', 'other')}",
+    lines = ["---", f"library_name: {library}", f"license: {meta.get('license', 'other')}",
              "pipeline_tag: image-feature-extraction", "tags:", *[f"- {t}" for t in tags]]
     if meta.get("zoo_name"):  # a run's dataset is a local folder's name, not a Hub dataset id
         lines += ["datasets:", "- imagenet-1k"]
@@ -44,6 +53,19 @@ def _facts(config: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     return "\n".join(["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows.items()]])
 
 
+def _timm_section(timm_loads: bool, repo: str) -> str:
+    """How timm loads the files, or, for the small-image stem that timm cannot build, that it cannot."""
+    if not timm_loads:
+        return ("### timm\n\nNot with timm: this backbone has mocohub's small-image (CIFAR) stem, a 3x3 stride-1 "
+                "first convolution without max-pool, which no timm ResNet option builds. `timm.create_model` on these "
+                "files fails, and with its checks relaxed (a differing `num_classes`) it loads with the first layer "
+                "left random. Load it with `mocohub.from_pretrained` as above.\n")
+    return ("### timm\n\n```python\nimport timm\n"
+            f'model = timm.create_model("hf-hub:{repo}", pretrained=True)\n```\n\n'
+            "From a local folder, `config.json` says how to build the model and what it expects:\n\n"
+            f"```python\n{TIMM_LOCAL_LINE}\n```\n")
+
+
 def model_card(config: Mapping[str, Any], *, repo_id: str | None = None) -> str:
     """A Hugging Face model card (YAML front matter + usage) for an export with this config."""
     meta = dict(config.get("mocohub", {}))
@@ -51,11 +73,9 @@ def model_card(config: Mapping[str, Any], *, repo_id: str | None = None) -> str:
     title = meta.get("zoo_name") or f"MoCo {version or ''} {config['architecture']}".replace("  ", " ")
     repo = repo_id or "ORG/REPO"
     pcfg = config.get("pretrained_cfg", {})
-    timm_note = ("" if meta.get("stem", "imagenet") == "imagenet" else
-                 "\nThis backbone uses mocohub's small-image (CIFAR) stem, which plain timm cannot build: "
-                 "load it with mocohub.\n")
+    timm_loads = meta.get("stem", "imagenet") == "imagenet"
     sections = [
-        _front_matter(meta, version),
+        _front_matter(meta, version, timm_loads),
         f"# {title}\n",
         "A Momentum Contrast (MoCo) self-supervised backbone, exported by "
         "mocohub as `model.safetensors` + `config.json` "
@@ -63,13 +83,12 @@ def model_card(config: Mapping[str, Any], *, repo_id: str | None = None) -> str:
         "## Facts\n", _facts(config, meta) + "\n",
         "## How to load\n",
         "```python\nimport mocohub\n"
-        f'model = mocohub.from_pretrained("hf-hub:{repo}")  # or features_only=True, num_classes=N\n'
+        f'model = mocohub.from_pretrained("hf-hub:{repo}")  # or a local folder; features_only=True, num_classes=N\n'
         "transform = mocohub.transform_for(model)  # the evaluation preprocessing\n\n"
-        "import timm\n"
-        f'model = timm.create_model("hf-hub:{repo}", pretrained=True)\n\n'
         "import torch\n"
         f'model = torch.hub.load("PATH/TO/mocohub", "mocohub", "hf-hub:{repo}", source="local")\n'
-        "```\n" + timm_note,
+        "```\n",
+        _timm_section(timm_loads, repo),
         "## Evaluation preprocessing\n",
         "```json\n" + json.dumps({k: pcfg.get(k) for k in ("input_size", "crop_pct", "interpolation",
                                                             "mean", "std")}) + "\n```\n",
