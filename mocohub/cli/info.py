@@ -30,7 +30,8 @@ KEYS = ("source", "kind", "name", "aliases", "architecture", "stem", "num_params
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 # metric key -> how a person reads it
 _METRICS = {"imagenet_linear_top1": "ImageNet linear top-1", "knn_top1": "kNN top-1", "knn_top5": "kNN top-5",
-            "top1": "linear top-1", "top5": "linear top-5", "acc1": "instance accuracy"}
+            "knn_top1_backbone": "kNN top-1 of the backbone features", "top1": "linear top-1", "top5": "linear top-5",
+            "acc1": "instance accuracy"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

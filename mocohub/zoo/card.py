@@ -8,9 +8,17 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-__all__ = ["CARD_NAME", "TIMM_LOCAL_LINE", "model_card"]
+__all__ = ["CARD_NAME", "METRIC_NAMES", "TIMM_LOCAL_LINE", "model_card"]
 
 CARD_NAME = "README.md"
+# Scores, named for what they measure: the training monitor scores the query encoder's output (the
+# projection, as the official CIFAR demo does); `mocohub demo` also scores the exported backbone.
+METRIC_NAMES = {
+    "imagenet_linear_top1": "ImageNet linear top-1 (%)",
+    "knn_top1": "kNN top-1 (%) of the query encoder's output (training monitor)",
+    "knn_top5": "kNN top-5 (%) of the query encoder's output (training monitor)",
+    "knn_top1_backbone": "kNN top-1 (%) of these backbone features",
+}
 # timm from a local export folder: its pretrained_cfg (num_classes, mean, std, input size) makes timm build the
 # model without a classifier and load the weights strictly; model_args rebuild a ViT's grid and heads.
 TIMM_LOCAL_LINE = ("import json, timm\n"
@@ -49,7 +57,7 @@ def _front_matter(meta: Mapping[str, Any], version: str | None, timm_loads: bool
 def _facts(config: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     rows = {"architecture": config["architecture"], "stem": meta.get("stem", "imagenet"),
             "pooled feature size": config.get("num_features"), "classes": config.get("num_classes", 0),
-            **{k.replace("_", " "): v for k, v in meta.items() if k != "stem" and v is not None}}
+            **{METRIC_NAMES.get(k, k.replace("_", " ")): v for k, v in meta.items() if k != "stem" and v is not None}}
     return "\n".join(["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows.items()]])
 
 

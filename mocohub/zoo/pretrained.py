@@ -27,8 +27,8 @@ from .instantiate import build_loaded
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "RUN_CHECKPOINT", "RUN_EXPORT", "IMAGENET_PRETRAINED_CFG", "pretrained_cfg_for",
-    "public_meta", "build_config", "build_model", "write_pretrained", "save_pretrained", "read_pretrained_dir",
-    "load_pretrained_dir",
+    "public_meta", "build_config", "build_model", "write_pretrained", "add_facts", "save_pretrained",
+    "read_pretrained_dir", "load_pretrained_dir",
 ]
 
 CONFIG_NAME = "config.json"
@@ -122,13 +122,27 @@ def write_pretrained(save_dir: str | os.PathLike, state_dict: Mapping[str, torch
     out = Path(save_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    config = {**config, "mocohub": public_meta(config.get("mocohub", {}))}  # also an older export's config
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _write_config(out, config, repo_id)
+    return out
+
+
+def _write_config(out: Path, config: Mapping[str, Any], repo_id: str | None) -> None:
+    """config.json (without local paths, also an older export's) and the card that explains it."""
+    config = {**config, "mocohub": public_meta(config.get("mocohub", {}))}
     text = json.dumps(dict(config), indent=2) + "\n"
     card = model_card(config, repo_id=repo_id)
     atomic_write(out / CARD_NAME, lambda p: Path(p).write_text(card))
     atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
-    return out
+
+
+def add_facts(folder: str | os.PathLike, **facts: Any) -> None:
+    """Record facts measured after the export (e.g. ``mocohub demo``'s kNN score of the backbone) in its
+    ``config.json`` and model card; the weights stay as they are."""
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["mocohub"] = {**config.get("mocohub", {}), **facts}
+    _write_config(folder, config, None)
 
 
 def save_pretrained(model: nn.Module, save_dir: str | os.PathLike,
