@@ -30,7 +30,7 @@ from .augment import recipe, view_specs
 from .convert import pil_to_uint8
 from .keyed import new_key, uniforms
 from .transfer import send, to_device
-from .views import ViewParams
+from .views import CROP_DRAWS, View, ViewParams
 
 __all__ = ["BatchedTwoViews", "ViewCrops", "batched_resized_crop", "crop_plan", "resized_crop"]
 
@@ -174,7 +174,12 @@ class BatchedTwoViews:
         one array of uniforms for all, each view reading its own columns."""
         sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
         u = uniforms(np.asarray(keys, dtype=np.int64), self._columns[-1].stop)
-        return tuple(view.draw(u[:, columns], sizes, geometric_only) for view, columns in zip(self.views, self._columns))
+        boxes = [None] * len(self.views)
+        if len({(view.scale, view.ratio) for view in self.views}) == 1:  # the views crop alike: one call for all
+            crop_u = np.concatenate([u[:, columns][:, :CROP_DRAWS] for columns in self._columns])
+            boxes = np.split(self.views[0].crop_boxes(crop_u, np.tile(sizes, (len(self.views), 1))), len(self.views))
+        return tuple(view.draw(u[:, columns], sizes, geometric_only, part)
+                     for view, columns, part in zip(self.views, self._columns, boxes))
 
     def __call__(self, image: Image.Image | torch.Tensor, key: int | None = None) -> ViewCrops:
         image = pil_to_uint8(image)
@@ -239,7 +244,7 @@ class BatchedTwoViews:
         return done
 
     @staticmethod
-    def _plan(view, params: ViewParams, whole: bool, image_bytes: int) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
+    def _plan(view: View, params: ViewParams, whole: bool, image_bytes: int) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
         """The order to process a view's samples in (None: as they are) and its chunks, as
         [start, stop) spans of that order: the whole batch on a GPU; on the CPU, one image per
         chunk for large images, else samples sorted by each photometric stage's ``order_key`` in

@@ -288,11 +288,14 @@ class View:
         """Uniforms per sample: the crop's, then each stage's, in order."""
         return CROP_DRAWS + sum(stage.draws for stage in self.stages)
 
-    def draw(self, u: np.ndarray, sizes: np.ndarray, geometric_only: bool = False) -> ViewParams:
+    def draw(self, u: np.ndarray, sizes: np.ndarray, geometric_only: bool = False,
+             boxes: np.ndarray | None = None) -> ViewParams:
         """Every sample's parameters from its uniforms (N, ``draws``) and its image's (height,
-        width) (N, 2): the crop's under "crop", then each stage's (only the geometric ones' with
+        width) (N, 2): the crop's under "crop" (``boxes``, if given: ``crop_boxes`` of the first
+        ``CROP_DRAWS`` columns), then each stage's (only the geometric ones' with
         ``geometric_only``). Each stage reads its own columns, so drawing a part draws the same."""
-        params: ViewParams = {"crop": {"box": self._crop_boxes(u[:, :CROP_DRAWS], sizes)}}
+        boxes = self.crop_boxes(u[:, :CROP_DRAWS], sizes) if boxes is None else boxes
+        params: ViewParams = {"crop": {"box": boxes}}
         column = CROP_DRAWS
         for stage in self.stages:
             if stage.geometric or not geometric_only:
@@ -300,7 +303,7 @@ class View:
             column += stage.draws
         return params
 
-    def _crop_boxes(self, u: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    def crop_boxes(self, u: np.ndarray, sizes: np.ndarray) -> np.ndarray:
         """(N, 4) boxes (top, left, height, width): ``T.RandomResizedCrop.get_params`` for every
         sample at once. Ten tries of an area ~ U[scale] of the image and a log-ratio ~ U[log
         ratio], the first that fits, at a uniform position; none fits: the central crop of the
