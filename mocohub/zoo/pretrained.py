@@ -18,10 +18,11 @@ from timm.models import FeatureInfo
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..backbones import RESNET_ARCHS, create_resnet
+from ..data.augment import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import MocohubError
 from ..fileio import atomic_write
 from ..run_folder import CHECKPOINT
-from ..backbones import RESNET_ARCHS, create_resnet
 from .card import CARD_NAME, model_card
 from .instantiate import build_loaded
 
@@ -37,8 +38,6 @@ RUN_CHECKPOINT = "checkpoint.pth.tar"
 RUN_EXPORT = "backbone"
 WEIGHTS_NAME = "model.safetensors"
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The official linear evaluation: Resize(256) + CenterCrop(224), bilinear.
 IMAGENET_PRETRAINED_CFG: dict[str, Any] = {
     "input_size": [3, 224, 224], "crop_pct": 0.875, "crop_mode": "center",
