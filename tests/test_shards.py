@@ -1,10 +1,13 @@
 """WebDataset shards: written from a folder, read back with a folder's guarantees (every sample once
 per epoch across processes, exact resume by position), bad input counted, missing shards refused."""
+import gzip
 import io
 import json
 import os
 import socket
+import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -182,7 +185,7 @@ def test_missing_or_unreadable_shards_are_refused_before_reading(folder, tmp_pat
         ShardImages(str(tmp_path / "out" / f"train-{{000000..{last + 2:06d}}}.tar"))
     with pytest.raises(MocohubError, match="holds .tar shards, not images: pass the shards' pattern, '.*train-{0"):
         open_images(tmp_path / "out")
-    (tmp_path / "x.tar").write_bytes(b"<html>not found</html>")
+    (tmp_path / "x.tar").write_bytes(gzip.compress((tmp_path / "out" / result["shards"][0]).read_bytes()))
     with pytest.raises(MocohubError, match="x.tar is not an uncompressed tar file"):
         ShardImages(str(tmp_path / "x.tar"))
     with pytest.raises(MocohubError, match="from files: copy them to a disk or mount"):
@@ -194,6 +197,20 @@ def test_image_cache_over_shards(folder, tmp_path):
     cached, streamed = ShardImages(pattern, _pixel, cache_images="on"), ShardImages(pattern, _pixel)
     assert cached.cache is not None and len(cached.cache) == N
     assert [cached[i][0].item() for i in range(N)] == [streamed[i][0].item() for i in range(N)] == list(range(N))
+
+
+def test_threads_reading_one_shard_get_their_own_bytes(folder, tmp_path):
+    """The image cache decodes in threads: reads must not share a file offset."""
+    ds = ShardImages(_write(folder, tmp_path / "out", shard_bytes=10 ** 6)["pattern"])
+    expected = [ds.open_member(i).read() for i in range(N)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns between any two calls
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda i: ds.open_member(i % N).read(), range(100 * N)))
+    finally:
+        sys.setswitchinterval(interval)
+    assert got == expected * 100
 
 
 def _epoch_batches(ds, rank, world, epoch, start_step=0, workers=1):

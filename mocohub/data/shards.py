@@ -126,10 +126,11 @@ def scan_shard(path: str) -> Shard:
     listed (reading it fails, counted like a corrupt file); the members cut off are lost."""
     size, problems, members = os.path.getsize(path), [], []
     try:
-        tar = tarfile.open(path, "r:", ignore_zeros=True)
+        tar = tarfile.open(path, "r:")  # reads the first header: not a tar file fails here
     except tarfile.ReadError as e:
         raise MocohubError(f"{path} is not an uncompressed tar file ({e}): shards are read by offset, so "
                            "write them with mocohub shards (or decompress .tar.gz shards)") from None
+    tar.ignore_zeros = True  # from the second header on
     end = 0  # where the next header should start
     with tar:
         while True:
@@ -164,7 +165,7 @@ def index_shard(path: str) -> Shard:
     header scan takes about 40 us per member."""
     try:
         saved = json.loads(Path(path + INDEX_SUFFIX).read_text())
-        name, offset, size = saved["members"][-1]
+        _, offset, size = saved["members"][-1]
         with open(path, "rb") as f:
             f.seek(offset - tarfile.BLOCKSIZE)
             header = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
@@ -256,7 +257,6 @@ class ShardImages(ImageFolder):
         self.transform, self.on_error = transform, on_error
         self.seed, self.epoch = seed, 0
         self._files: OrderedDict[int, IO[bytes]] = OrderedDict()
-        self._pid = os.getpid()
         with _no_gc():
             names, labels, where = self._index(extensions)
             if not names:
@@ -320,19 +320,23 @@ class ShardImages(ImageFolder):
             return None
 
     def _file(self, shard: int) -> IO[bytes]:
-        """This process's handle on a shard (reopened after a fork: processes must not share offsets)."""
-        if self._pid != os.getpid():
-            self._files, self._pid = OrderedDict(), os.getpid()
+        """An open handle on a shard, the last ``MAX_OPEN_SHARDS`` kept (one evicted closes when its
+        last reader lets go of it)."""
         f = self._files.pop(shard, None) or open(self.shards[shard], "rb")
         self._files[shard] = f
         if len(self._files) > MAX_OPEN_SHARDS:
-            self._files.popitem(last=False)[1].close()
+            self._files.popitem(last=False)
         return f
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
-        f = self._file(shard)
-        f.seek(offset)
-        data = f.read(size)
+        """Positional reads: forked loader workers and the cache's decoding threads share no file offset."""
+        if hasattr(os, "pread"):
+            f = self._file(shard)
+            data = os.pread(f.fileno(), size, offset)
+        else:  # Windows: no positional read, so a handle per read
+            with open(self.shards[shard], "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
         if len(data) != size:
             raise OSError(f"{self.shards[shard]} ends inside the member at byte {offset} (truncated)")
         return data
