@@ -1,12 +1,14 @@
 """MoCo step speed: mocohub next to a transcription of the official code, measured in one run.
 
-    python benchmarks/bench_step.py [--arch resnet18 --size 32 --batch 128 --repeats 5] [--compile]
+    python benchmarks/bench_step.py [--arch resnet18 --size 32 --batch 128 --repeats 5 --rounds 1] [--compile]
 
 Prints images/s for each variant and the ratio to the official-style step: fp32, ``auto`` (what
 ``--precision auto`` picks on this hardware), bf16 + channels_last, the 8-group SplitBatchNorm of
 the single-device default, torch.compile (with --compile) and lightly's MoCo step when lightly is
-importable (it is not a dependency: run this script from a virtualenv that has it). Then the
-momentum update alone (per-parameter Python loop vs one torch._foreach call).
+importable (it is not a dependency: run this script from a virtualenv that has it). With
+``--rounds N`` the variants take turns N times in one process (noisy shared CPUs drift: each row
+then shows its lowest and highest round). Then the momentum update alone (per-parameter Python
+loop vs one torch._foreach call).
 """
 from __future__ import annotations
 
@@ -89,6 +91,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1, help="interleave the variants this many times")
     p.add_argument("--device", default="cpu", help="e.g. cuda")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd encoders (slow to start)")
     args = p.parse_args()
@@ -100,6 +103,8 @@ def main() -> None:
     auto_cl = resolve_channels_last("auto", auto)
     print(f"{device} ({torch.backends.cpu.get_cpu_capability() if device.type == 'cpu' else torch.cuda.get_device_name()}):"
           f" auto = {auto}{' + channels_last' if auto_cl else ''} ({why})")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the trainer sets it
     variants = {  # label: (implementation, precision, channels_last, BN splits, compile)
         "official (fp32, NCHW)": ("official", "fp32", False, 1, False),
         "mocohub fp32": ("mocohub", "fp32", False, 1, False),
@@ -114,7 +119,7 @@ def main() -> None:
         variants["lightly 1.6 (fp32)"] = ("lightly", "fp32", False, 1, False)
     except ImportError:
         print("lightly is not installed here: its column is skipped")
-    results = {}
+    steps = {}
     for label, (impl, precision, channels_last, splits, compiled) in variants.items():
         loss_fn = None
         if impl == "official":
@@ -132,12 +137,20 @@ def main() -> None:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         model = model.to(device, memory_format=fmt)
         opt = torch.optim.SGD(params, lr=0.06, momentum=0.9, weight_decay=5e-4)
-        seconds = _time(_step_fn(model, opt, x_q.contiguous(memory_format=fmt), x_k.contiguous(memory_format=fmt),
-                                 precision, loss_fn), args.repeats)
-        results[label] = args.batch / seconds
-    base = results["official (fp32, NCHW)"]
-    for label, ips in results.items():
-        print(f"{label:32s} {ips:8.1f} img/s   x{ips / base:.2f}")
+        steps[label] = _step_fn(model, opt, x_q.contiguous(memory_format=fmt), x_k.contiguous(memory_format=fmt),
+                                precision, loss_fn)
+    rounds = {label: [] for label in steps}
+    for _ in range(args.rounds):
+        for label, step in steps.items():
+            rounds[label].append(args.batch / _time(step, args.repeats))
+    results = {label: max(ips) for label, ips in rounds.items()}
+    base = rounds["official (fp32, NCHW)"]
+    for label, ips in rounds.items():
+        ratios = [a / b for a, b in zip(ips, base)]  # each round against the official step of the same round
+        spread = f"   rounds {min(ips):.1f}-{max(ips):.1f} img/s, x{min(ratios):.2f}-{max(ratios):.2f}" \
+            if args.rounds > 1 else ""
+        print(f"{label:32s} {max(ips):8.1f} img/s   x{max(ips) / max(base):.2f}{spread}")
+    del steps
 
     model = MoCo(args.arch, dim=128, K=4096).to(device)
     k, q = list(model.encoder_k.parameters()), list(model.encoder_q.parameters())
@@ -151,7 +164,7 @@ def main() -> None:
     print(f"momentum update over {len(k)} tensors: loop {1e3 * t_loop:.2f} ms, foreach {1e3 * t_foreach:.2f} ms, "
           f"x{t_loop / t_foreach:.2f}")
     print(json.dumps({"args": vars(args), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                      "auto": auto, "images_per_s": results,
+                      "auto": auto, "auto_why": why, "images_per_s": results, "rounds": rounds,
                       "momentum_ms": {"loop": 1e3 * t_loop, "foreach": 1e3 * t_foreach}}))
 
 

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a lent device machine (one GPU, no network; finishes in about 10 min):
-#   1. the CUDA tests (tests/test_cuda.py) and the algorithm's equality tests on the GPU machine,
-#   2. bench_step and bench_augment on the GPU,
-#   3. a full CIFAR-10 run of the `cifar` recipe (50,000 training JPEGs, kNN on the 10,000 test
-#      images) for as many epochs as fit in TRAIN_SECONDS (default 360 s, so the whole script fits 10 min).
-#   4. with --ablation: the momentum study at full CIFAR-10 size, m 0.99 against m 0 (the cheapest telling
+#   1. the CUDA checks as a plain script (benchmarks/gpu_checks.py: no pytest needed): auto precision
+#      against the compute capability, the runtime (cuda:0, cudnn.benchmark), the step against the CPU's,
+#      SplitBatchNorm in place on CUDA (8 groups), training in fp32/bf16/fp16/auto with 8 BN groups;
+#      then its timings (SplitBatchNorm in place vs the NCHW copies, kNN scoring on the GPU vs the CPU),
+#   2. a one-GPU NCCL process group under torchrun: barrier without the device warning, all_reduce,
+#      SyncBatchNorm + DDP step, the sharded kNN monitor (gpu_checks.py --nccl),
+#   3. bench_step and bench_augment on the GPU,
+#   4. a full CIFAR-10 run of the `cifar` recipe (50,000 training JPEGs, kNN on the 10,000 test
+#      images) for as many epochs as fit in TRAIN_SECONDS (default 240 s, so the whole script fits 10 min).
+#   5. with --ablation: the momentum study at full CIFAR-10 size, m 0.99 against m 0 (the cheapest telling
 #      one; benchmarks/ablations.py), 2 seeds each, for as many epochs as fit in ABLATION_SECONDS (default
-#      200 s; TRAIN_SECONDS then defaults to 160 s, so the script still fits 10 min).
-# Nothing is installed: the machine's own python3 must have torch, torchvision, timm, pillow,
-# safetensors, huggingface_hub and tqdm (the device image has them); mocohub runs from this checkout.
+#      160 s; TRAIN_SECONDS then defaults to 100 s, so the script still fits 10 min).
+# Nothing is installed: a stock image's torch, torchvision and timm bring every dependency (pillow,
+# numpy, safetensors, huggingface_hub, tqdm); mocohub runs from this checkout (PYTHONPATH), no pip.
 # Results go to $OUT (or ./gpu-check-out). CIFAR-10 is read from $CIFAR_TAR, else
 # ../shared/data/cifar10-jpg.tar.gz, else .cifar/cifar10-jpg.tar.gz (copy it there and carry `.cifar`).
 #
@@ -29,8 +34,8 @@ for arg in "$@"; do
     *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run] [--ablation]" >&2; exit 2 ;;
   esac
 done
-if [ $ABLATION = 1 ]; then TRAIN_SECONDS=${TRAIN_SECONDS:-160}; else TRAIN_SECONDS=${TRAIN_SECONDS:-360}; fi
-ABLATION_SECONDS=${ABLATION_SECONDS:-200}
+if [ $ABLATION = 1 ]; then TRAIN_SECONDS=${TRAIN_SECONDS:-100}; else TRAIN_SECONDS=${TRAIN_SECONDS:-240}; fi
+ABLATION_SECONDS=${ABLATION_SECONDS:-160}
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 status=0
 
@@ -42,9 +47,20 @@ log "machine"
 
 if [ $DRY = 1 ]; then DEVICE=cpu; else DEVICE=cuda; fi
 
-log "tests"
-$PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_moco.py 2>&1 | tail -5 | tee -a "$OUT/summary.txt" \
-  || status=1
+log "CUDA checks"
+$PY -c "import torch, torchvision, timm, PIL, numpy, safetensors, huggingface_hub, tqdm" 2>&1 | tee -a "$OUT/summary.txt"
+if [ $DRY = 1 ]; then
+  $PY -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_checks; print(len(gpu_checks.CHECKS), 'checks import')" \
+    2>&1 | tee -a "$OUT/summary.txt" || status=1
+else
+  $PY benchmarks/gpu_checks.py 2>&1 | tee "$OUT/checks.log" | grep -E "^(ok|FAIL|timing)" | tee -a "$OUT/summary.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || { status=1; tail -30 "$OUT/checks.log"; }
+fi
+
+log "NCCL process group (torchrun, 1 process; gloo in a dry run)"
+$PY -m torch.distributed.run --nproc_per_node 1 benchmarks/gpu_checks.py --nccl > "$OUT/nccl.log" 2>&1 \
+  || { status=1; tail -20 "$OUT/nccl.log"; }
+grep -E "^(ok|FAIL)" "$OUT/nccl.log" | tee -a "$OUT/summary.txt"
 
 log "bench_step"
 if [ $DRY = 1 ]; then
