@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from ..errors import MocohubError
 from ..fileio import atomic_write, disk_full, disk_full_error
-from .cache import ImageCache, cache_budget, estimate_decoded_bytes
+from .cache import CACHE_CHOICES, ImageCache, open_cache
 from .convert import load_rgb
 from .folder import IMAGE_EXTENSIONS, ImageFolder
 
@@ -245,13 +245,18 @@ class ShardImages(ImageFolder):
     folder (``root``), the same relative name as in the folder they were written from.
     Samples without an image are listed in ``skipped``; an image that cannot be read or decoded
     (a corrupt member, a truncated shard) is replaced or dropped as in a folder (``on_error``).
+    ``cache_images`` and ``cache_budget`` as for a folder, with one decoded copy per process
+    (``cache_barrier`` is taken for the same signature, and not used).
     """
 
     def __init__(self, source: str | os.PathLike | Sequence[str], transform: Callable | None = None, *,
                  on_error: str = "substitute", extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                 seed: int | None = None, cache_images: str = "off", cache_budget: int | None = None):
+                 seed: int | None = None, cache_images: str = "off", cache_budget: int | None = None,
+                 cache_barrier: Callable[[], None] | None = None):
         if on_error not in ("substitute", "skip"):
             raise ValueError(f"on_error must be 'substitute' or 'skip', not {on_error!r}")
+        if cache_images not in CACHE_CHOICES:
+            raise ValueError(f"cache_images must be one of {', '.join(CACHE_CHOICES)}, not {cache_images!r}")
         self.shards = shard_paths(source)
         self.root = Path(os.path.commonpath([os.path.abspath(os.path.dirname(p)) for p in self.shards]))
         self.transform, self.on_error = transform, on_error
@@ -268,7 +273,10 @@ class ShardImages(ImageFolder):
         if self.skipped:
             warnings.warn(f"{len(self.skipped)} sample(s) without an image in the shards ignored, "
                           f"e.g. {self.skipped[0]}", stacklevel=2)
-        self.cache = self._make_cache(cache_images, cache_budget)
+        # each process decodes its own copy: the node-shared copy (cache_barrier) names its memory
+        # file after the image paths, which the cache here reads as in-memory files
+        self.cache: ImageCache | None
+        self.cache, self.cache_note = open_cache(_Members(self), cache_images, cache_budget)
 
     def _index(self, extensions: Sequence[str]) -> tuple[list[str], list, list[tuple[int, int, int]]]:
         """Each sample's name (the image's relative path), ``.cls`` member, and (shard, offset, size)."""
@@ -303,21 +311,6 @@ class ShardImages(ImageFolder):
                 targets = [int(t) for t in text]
                 return targets, [str(c) for c in range(max(targets) + 1)]
         return [-1] * len(names), []
-
-    def _make_cache(self, mode: str, budget: int | None) -> ImageCache | None:
-        # ImageFolder._make_cache with the members for the paths (folder.py's hook requested)
-        if mode == "off":
-            return None
-        budget = cache_budget() if budget is None else budget
-        members = _Members(self)
-        if mode == "auto" and estimate_decoded_bytes(members) > budget:
-            return None
-        try:
-            return ImageCache(members, budget)
-        except MocohubError:
-            if mode == "on":
-                raise
-            return None
 
     def _file(self, shard: int) -> IO[bytes]:
         """An open handle on a shard, the last ``MAX_OPEN_SHARDS`` kept (one evicted closes when its
