@@ -69,6 +69,16 @@ def test_round_trip_count_bytes_labels_keys(folder, tmp_path):
     assert [s["png"] for s in seen] == [open(p, "rb").read() for p, _ in flat.samples]
 
 
+def test_a_folder_without_classes_round_trips_unlabelled(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    result = _write(tmp_path, tmp_path / "out")
+    ds = ShardImages(result["pattern"], _pixel)
+    assert result["classes"] == ds.classes == [] and ds.targets == [-1] * 3
+    assert [ds[i][0].item() for i in range(3)] == [0, 1, 2]
+    assert not any(name.endswith(".cls") for name in tarfile.open(tmp_path / "out" / result["shards"][0]).getnames())
+
+
 def test_index_files_are_used_and_a_stale_one_ignored(folder, tmp_path, monkeypatch):
     result = _write(folder, tmp_path / "out")
     first = tmp_path / "out" / result["shards"][0]
