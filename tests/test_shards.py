@@ -202,6 +202,15 @@ def test_missing_or_unreadable_shards_are_refused_before_reading(folder, tmp_pat
         ShardImages("pipe:curl -s https://example.com/train-{0..3}.tar")
 
 
+def test_without_webdataset_a_pattern_says_what_to_install(folder, tmp_path, monkeypatch):
+    pattern = _write(folder, tmp_path / "out")["pattern"]
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # import webdataset raises ImportError
+    with pytest.raises(MocohubError, match=r"pip install 'mocohub\[shards\]'") as error:
+        ShardImages(pattern)
+    assert error.value.exit_code == 1  # a missing optional package, as the CLI's exit codes say
+    assert len(ShardImages(tmp_path / "out" / "train-000000.tar")) >= 1  # one file needs no expansion
+
+
 def test_image_cache_over_shards(folder, tmp_path):
     pattern = _write(folder, tmp_path / "out")["pattern"]
     cached, streamed = ShardImages(pattern, _pixel, cache_images="on"), ShardImages(pattern, _pixel)

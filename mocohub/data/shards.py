@@ -57,7 +57,7 @@ from .folder import IMAGE_EXTENSIONS, ImageFolder
 __all__ = ["SHARDS_INSTALL", "DEFAULT_SHARD_BYTES", "ShardImages", "Shard", "index_shard", "is_shard_source",
            "scan_shard", "shard_paths", "write_shards"]
 
-SHARDS_INSTALL = "pip install 'mocohub[shards]'"
+SHARDS_INSTALL = "pip install 'mocohub[shards]' (or pip install webdataset)"
 DEFAULT_SHARD_BYTES = 10 ** 9
 MANIFEST_SUFFIX = ".shards.json"
 INDEX_SUFFIX = ".index.json"
@@ -71,7 +71,7 @@ def _webdataset():
     try:
         import webdataset
     except ImportError:
-        raise MocohubError(f"shards need the webdataset package: {SHARDS_INSTALL}") from None
+        raise MocohubError(f"shards need the webdataset package: {SHARDS_INSTALL}", exit_code=1) from None
     return webdataset
 
 
