@@ -16,7 +16,7 @@ __all__ = ["open_images"]
 def open_images(source: str | os.PathLike | Sequence[str], transform: Callable | None = None, **kw) -> ImageFolder:
     """``ImageFolder`` for a folder, ``ShardImages`` for shards (a ``.tar`` file, a brace pattern
     such as ``'/data/train-{000000..000127}.tar'``, or a list of shard files); ``kw`` as for both
-    (``on_error``, ``seed``, ``cache_images``, ``cache_budget``, ``extensions``)."""
+    (``on_error``, ``seed``, ``cache_images``, ``cache_budget``, ``cache_barrier``, ``extensions``)."""
     if is_shard_source(source):
         return ShardImages(source, transform, **kw)
     try:
