@@ -69,6 +69,13 @@ def test_round_trip_count_bytes_labels_keys(folder, tmp_path):
     assert [s["png"] for s in seen] == [open(p, "rb").read() for p, _ in flat.samples]
 
 
+def test_two_images_that_would_share_a_key_are_refused_before_writing(folder, tmp_path):
+    Image.new("RGB", (4, 4)).save(folder / "cat" / "00.jpg")  # beside cat/00.png: both key cat/00
+    with pytest.raises(MocohubError, match="cat/00.jpg and .*cat/00.png would be one WebDataset sample"):
+        _write(folder, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*"))
+
+
 def test_a_folder_without_classes_round_trips_unlabelled(tmp_path):
     for i in range(3):
         Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / f"{i}.png")

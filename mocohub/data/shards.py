@@ -398,6 +398,12 @@ def write_shards(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     folder = ImageFolder(data_dir)
     root, out = folder.root, Path(out_dir)
     rel = [Path(p).relative_to(root).as_posix() for p, _ in folder.samples]
+    keys = [sample_key(r) for r in rel]
+    first = {}
+    for name, key in zip(rel, keys):
+        if first.setdefault(key, name) != name:
+            raise MocohubError(f"{first[key]} and {name} would be one WebDataset sample (its files share the key "
+                               f"{key}): rename one of them")
     prefix = _prefix(root)
     state = {"format": FORMAT, "source": str(root.resolve()), "images": len(rel),
              "names_sha256": hashlib.sha256("\n".join(rel).encode()).hexdigest()[:16], "shard_bytes": shard_bytes}
@@ -409,7 +415,6 @@ def write_shards(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     for leftover in out.glob(f"{prefix}-*.tar.partial"):
         leftover.unlink()
     start = len(_keys(done))
-    keys = [sample_key(r) for r in rel]
     try:
         if start < len(rel):
             _write(wds, folder, keys[start:], range(start, len(rel)), out, prefix, len(done), shard_bytes, progress)
