@@ -174,10 +174,11 @@ class BatchedTwoViews:
         one array of uniforms for all, each view reading its own columns."""
         sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
         u = uniforms(np.asarray(keys, dtype=np.int64), self._columns[-1].stop)
-        boxes = [None] * len(self.views)
+        boxes, n = [None] * len(self.views), len(sizes)
         if len({(view.scale, view.ratio) for view in self.views}) == 1:  # the views crop alike: one call for all
             crop_u = np.concatenate([u[:, columns][:, :CROP_DRAWS] for columns in self._columns])
-            boxes = np.split(self.views[0].crop_boxes(crop_u, np.tile(sizes, (len(self.views), 1))), len(self.views))
+            every = self.views[0].crop_boxes(crop_u, np.concatenate([sizes] * len(self.views)))
+            boxes = [every[i * n:(i + 1) * n] for i in range(len(self.views))]
         return tuple(view.draw(u[:, columns], sizes, geometric_only, part)
                      for view, columns, part in zip(self.views, self._columns, boxes))
 

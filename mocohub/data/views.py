@@ -34,6 +34,7 @@ ViewParams = dict[str, Params]  # by stage name
 DevParams = dict[str, torch.Tensor]  # a stage's float parameters on the images' device
 CROP_DRAWS = 22  # RandomResizedCrop: 10 tries of (scale, log-ratio), then the top and left offsets
 _CROP_TRIES = 10
+_HEIGHT_WIDTH = np.array([-1.0, 1.0])
 
 
 class GaussianBlur:
@@ -311,9 +312,9 @@ class View:
         n, size = len(u), sizes.astype(np.float64)  # (height, width)
         low, high = self.scale
         area = np.sqrt(size.prod(1, keepdims=True) * (u[:, :_CROP_TRIES] * (high - low) + low))
-        low, high = (math.log(r) / 2 for r in self.ratio)
-        root_aspect = np.exp(u[:, _CROP_TRIES:2 * _CROP_TRIES] * (high - low) + low)  # sqrt of the aspect ratio
-        hw = np.rint(np.stack([area / root_aspect, area * root_aspect], -1))  # (N, tries, 2): h, w
+        low, high = (math.log(r) / 2 for r in self.ratio)  # half the log-ratio: h = sqrt(area / r), w = sqrt(area * r)
+        half_log_ratio = u[:, _CROP_TRIES:2 * _CROP_TRIES, None] * (high - low) + low
+        hw = np.rint(area[..., None] * np.exp(half_log_ratio * _HEIGHT_WIDTH))  # (N, tries, 2): h, w
         fits = ((hw > 0) & (hw <= size[:, None])).all(-1)
         chosen = hw[np.arange(n), fits.argmax(1)]
         offsets = np.floor(u[:, 2 * _CROP_TRIES:] * (size - chosen + 1))
