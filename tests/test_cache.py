@@ -102,3 +102,14 @@ def test_the_processes_of_a_node_share_one_decoded_copy(tmp_path):
         for path, image in zip(paths, result["images"]):
             assert torch.equal(image, torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1))
     assert not results[0]["leftover"] and not results[1]["leftover"]  # the name is gone, the mapping stayed
+
+
+def test_images_from_file_objects_keep_their_names(tmp_path):
+    """``open_image``: what a shard reader passes (each member's bytes), with paths that name them."""
+    import io
+    files = _images(tmp_path)
+    names = [f"shard-0.tar/{i}.png" for i in range(len(files))] + ["shard-0.tar/broken.png"]
+    blobs = [Path(f).read_bytes() for f in files] + [b"not a png"]
+    cache, line = open_cache(names, "on", open_image=lambda i: io.BytesIO(blobs[i]))
+    assert cache.failed == ["shard-0.tar/broken.png"] and line.startswith("image cache on")
+    assert torch.equal(cache[2], torch.from_numpy(np.array(Image.open(files[2]))).permute(2, 0, 1))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import IO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -91,7 +91,10 @@ def cache_plan(decoded: int, copies: int, shm_free: int, memory: int) -> tuple[b
     return False, f"image cache off: {why}; streaming from disk"
 
 
-def _rgb_bytes(path: str) -> int:
+Source = Callable[[int], "str | IO[bytes]"]  # what PIL opens for image i: a path or a file object
+
+
+def _rgb_bytes(path: str | IO[bytes]) -> int:
     """Decoded RGB size from the header alone (PIL opens lazily); 0 when unreadable."""
     try:
         with Image.open(path) as img:
@@ -101,10 +104,12 @@ def _rgb_bytes(path: str) -> int:
         return 0
 
 
-def estimate_decoded_bytes(paths: Sequence[str], sample: int = HEADER_SAMPLE) -> int:
+def estimate_decoded_bytes(paths: Sequence[str], sample: int = HEADER_SAMPLE, *,
+                           open_image: Source | None = None) -> int:
     """Decoded size of all images, from the headers of up to ``sample`` evenly spaced ones."""
     step = max(1, len(paths) // sample)
-    sizes = [_rgb_bytes(p) for p in paths[::step][:sample]]
+    source = open_image or paths.__getitem__
+    sizes = [_rgb_bytes(source(i)) for i in range(0, len(paths), step)[:sample]]
     return int(sum(sizes) / len(sizes) * len(paths))
 
 
@@ -114,12 +119,15 @@ class ImageCache:
     ``cache[i]`` is image i as a (3, H, W) uint8 view (HWC in memory); it raises ``OSError`` for
     an image that could not be decoded, as opening the file would, so callers handle both alike.
     With ``file`` the buffer (index, then pixels) is that file, mapped shared, for other
-    processes to ``attach``; without it, an anonymous shared-memory tensor.
+    processes to ``attach``; without it, an anonymous shared-memory tensor. ``open_image(i)``
+    gives what to decode for image i (default ``paths[i]``; e.g. a shard member's bytes).
     """
 
-    def __init__(self, paths: Sequence[str], budget: int, *, file: str | None = None):
+    def __init__(self, paths: Sequence[str], budget: int, *, file: str | None = None,
+                 open_image: Source | None = None):
         self.paths = paths
-        sizes = torch.tensor([_rgb_bytes(p) for p in paths], dtype=torch.int64)
+        source = open_image or paths.__getitem__
+        sizes = torch.tensor([_rgb_bytes(source(i)) for i in range(len(paths))], dtype=torch.int64)
         total = int(sizes.sum())
         if total > budget:
             raise MocohubError(f"the {len(paths)} decoded images need {total / 2**20:.0f} MiB, over the image "
@@ -133,7 +141,8 @@ class ImageCache:
             self._map(file, total)
         self.index[:, 0] = offsets  # offset, height, width (0: failed)
         with ThreadPoolExecutor(DECODE_THREADS) as pool:
-            for i, shape in enumerate(pool.map(self._decode, range(len(paths)), offsets.tolist(), sizes.tolist())):
+            decoded = pool.map(self._decode, map(source, range(len(paths))), offsets.tolist(), sizes.tolist())
+            for i, shape in enumerate(decoded):
                 self.index[i, 1:] = torch.tensor(shape)
 
     def _map(self, file: str, total: int) -> None:
@@ -151,10 +160,10 @@ class ImageCache:
         cache._map(file, os.path.getsize(file) - len(paths) * 3 * 8)
         return cache
 
-    def _decode(self, i: int, offset: int, size: int) -> tuple[int, int]:
-        """Decode image i into its slot; (height, width), or (0, 0) when it cannot be decoded."""
+    def _decode(self, image: str | IO[bytes], offset: int, size: int) -> tuple[int, int]:
+        """Decode an image into its slot; (height, width), or (0, 0) when it cannot be decoded."""
         try:
-            array = np.asarray(load_rgb(self.paths[i]))
+            array = np.asarray(load_rgb(image))
         except DECODE_ERRORS:
             return 0, 0
         if array.size != size:  # the header lied
@@ -184,13 +193,14 @@ def _node_file(paths: Sequence[str]) -> str:
 
 
 def open_cache(paths: Sequence[str], mode: str, budget: int | None = None, *,
-               barrier: Callable[[], None] | None = None) -> tuple[ImageCache | None, str]:
+               barrier: Callable[[], None] | None = None,
+               open_image: Source | None = None) -> tuple[ImageCache | None, str]:
     """The image cache of ``paths`` for ``mode`` (auto, on, off), and one line that says why.
 
     Without ``barrier`` (or alone on the node) each process holds its own copy. With a barrier that
     every process of the job enters, local rank 0 of each node decodes into a named file in
     shared memory and the others map it: one copy per node; they follow rank 0's outcome.
-    ``mode="on"`` raises ``MocohubError`` where the cache does not fit (every process alike).
+    ``open_image`` as in ``ImageCache``. ``mode="on"`` raises ``MocohubError`` where the cache does not fit (every process alike).
     """
     if mode == "off":
         return None, "image cache off"
@@ -198,7 +208,8 @@ def open_cache(paths: Sequence[str], mode: str, budget: int | None = None, *,
     if shared:
         barrier()  # nothing of this cache is allocated yet: every process reads the same free space
     copies = 1 if shared else local_processes()
-    decoded, shm_free, memory = estimate_decoded_bytes(paths), shm_free_bytes(), available_memory()
+    decoded = estimate_decoded_bytes(paths, open_image=open_image)
+    shm_free, memory = shm_free_bytes(), available_memory()
     fits, why = cache_plan(decoded, copies, shm_free, memory)
     if budget is not None:
         fits = decoded <= budget
@@ -210,7 +221,7 @@ def open_cache(paths: Sequence[str], mode: str, budget: int | None = None, *,
         if file is not None and os.path.exists(file):
             os.unlink(file)  # left by a crashed run of the same job
         try:
-            cache = ImageCache(paths, budget, file=file)
+            cache = ImageCache(paths, budget, file=file, open_image=open_image)
         except MocohubError as e:
             error, why = e, f"image cache off: {e}"
     if shared:
