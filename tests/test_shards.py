@@ -178,6 +178,24 @@ def test_corrupt_truncated_and_non_image_members_are_counted(tmp_path):
     assert substituted[2][:3] == (torch.tensor(2), -1, 3) and substituted[2][3][0].endswith("0009.png")
 
 
+def test_a_truncated_shard_of_ours_counts_every_image_it_lost(folder, tmp_path):
+    """Its index file names the images cut off; the one cut through fails when read: all counted."""
+    result = _write(folder, tmp_path / "out", shard_bytes=10 ** 6)
+    shard = tmp_path / "out" / result["shards"][0]
+    data = shard.read_bytes()
+    cut = data.index(b"dog/deep/16%25.png") + 512 + 100  # 100 bytes into image 16's data
+    shard.write_bytes(data[:cut])
+    with pytest.warns(UserWarning) as record:
+        ds = ShardImages(result["pattern"], _pixel, on_error="skip")
+    messages = " | ".join(str(w.message) for w in record)
+    assert "ends inside dog/deep/16%25.png (truncated" in messages
+    assert "7 image(s) its index lists are gone (counted as skipped)" in messages
+    assert [os.path.basename(p) for p in ds.skipped] == [f"{i}%.png" for i in range(17, N)]
+    batch = collate_images([ds[i] for i in range(len(ds))])
+    assert batch.images.tolist() == list(range(16)) and [os.path.basename(p) for p in batch.failed] == ["16%.png"]
+    assert len(batch.images) + len(batch.failed) + len(ds.skipped) == N
+
+
 def test_a_damaged_header_loses_one_sample_and_is_reported(tmp_path):
     _tar(tmp_path / "d.tar", [(f"{i:04d}.png", _png(i)) for i in range(4)])
     data = bytearray((tmp_path / "d.tar").read_bytes())

@@ -112,10 +112,12 @@ def shard_paths(source: str | os.PathLike | Sequence[str]) -> list[str]:
 
 
 class Shard(NamedTuple):
-    """One shard's regular members (name, data offset, size) from its headers, and what was wrong."""
+    """One shard's regular members (name, data offset, size) from its headers, what was wrong, and
+    the names of members its index file lists that damage took out of it."""
 
     members: list[tuple[str, int, int]]
     problems: list[str]
+    lost: list[str] = []
 
 
 def scan_shard(path: str) -> Shard:
@@ -162,20 +164,38 @@ def index_shard(path: str) -> Shard:
     """The shard's members from its index file ``<shard>.index.json`` (written by ``mocohub shards``)
     when it still describes the shard (the same file size, the last member's header where it says,
     the end of the archive after it), else from the tar headers: an index loads in milliseconds, a
-    header scan takes about 40 us per member."""
+    header scan takes about 40 us per member. A damaged shard's index names the members lost."""
+    saved = _load_index(path)
+    if saved is not None and _describes(path, saved):
+        return Shard(saved["members"], [])
+    shard = scan_shard(path)
+    if saved is not None and shard.problems:
+        there = {name for name, _, _ in shard.members}
+        shard = shard._replace(lost=[name for name, _, _ in saved["members"] if name not in there])
+    return shard
+
+
+def _load_index(path: str) -> dict[str, Any] | None:
     try:
         saved = json.loads(Path(path + INDEX_SUFFIX).read_text())
-        _, offset, size = saved["members"][-1]
+        return {"size": int(saved["size"]), "members": [(str(n), int(o), int(z)) for n, o, z in saved["members"]]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no index, or not one of ours
+
+
+def _describes(path: str, saved: dict[str, Any]) -> bool:
+    """Whether the index fits the file: its size, the last member's header, the end after it."""
+    if not saved["members"] or saved["size"] != os.path.getsize(path):
+        return False
+    _, offset, size = saved["members"][-1]
+    try:
         with open(path, "rb") as f:
             f.seek(offset - tarfile.BLOCKSIZE)
             header = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
             f.seek(offset + _padded(size))
-            ends = not any(f.read(tarfile.BLOCKSIZE))
-        if saved["size"] == os.path.getsize(path) and header.size == size and ends:
-            return Shard([tuple(m) for m in saved["members"]], [])
-    except (OSError, ValueError, KeyError, IndexError, tarfile.TarError):
-        pass  # no index, or not this shard's: read the headers
-    return scan_shard(path)
+            return header.size == size and not any(f.read(tarfile.BLOCKSIZE))
+    except (OSError, ValueError, tarfile.TarError):
+        return False
 
 
 def _save_index(path: str, shard: Shard) -> None:
@@ -286,10 +306,20 @@ class ShardImages(ImageFolder):
             shard = index_shard(path)
             for problem in shard.problems:
                 warnings.warn(f"shard {path}: {problem}", stacklevel=3)
+            lost = {}  # key: the image its index lists and damage took
+            for key, parts in _group([(name, 0, 0) for name in shard.lost]):
+                ext = next((e for e, _, _ in parts if e.lower() in image_exts), None)
+                if ext is not None:
+                    lost[key] = f"{self.root}/{unquote(key)}.{ext}"
+            if lost:
+                warnings.warn(f"shard {path}: {len(lost)} image(s) its index lists are gone (counted as skipped), "
+                              f"e.g. {next(iter(lost.values()))}", stacklevel=3)
+            self.skipped.extend(lost.values())
             for key, parts in _group(shard.members):
                 image = next((p for p in parts if p[0].lower() in image_exts), None)
                 if image is None:
-                    self.skipped.append(f"{self.root}/{unquote(key)}.{parts[0][0]}")
+                    if key not in lost:  # else counted above (e.g. its .cls survived)
+                        self.skipped.append(f"{self.root}/{unquote(key)}.{parts[0][0]}")
                     continue
                 ext, offset, size = image
                 names.append(f"{unquote(key)}.{ext}")
