@@ -306,11 +306,7 @@ class ShardImages(ImageFolder):
             shard = index_shard(path)
             for problem in shard.problems:
                 warnings.warn(f"shard {path}: {problem}", stacklevel=3)
-            lost = {}  # key: the image its index lists and damage took
-            for key, parts in _group([(name, 0, 0) for name in shard.lost]):
-                ext = next((e for e, _, _ in parts if e.lower() in image_exts), None)
-                if ext is not None:
-                    lost[key] = f"{self.root}/{unquote(key)}.{ext}"
+            lost = self._lost_images(shard, image_exts)
             if lost:
                 warnings.warn(f"shard {path}: {len(lost)} image(s) its index lists are gone (counted as skipped), "
                               f"e.g. {next(iter(lost.values()))}", stacklevel=3)
@@ -326,6 +322,15 @@ class ShardImages(ImageFolder):
                 labels.append(next((p for p in parts if p[0] == "cls"), None))
                 where.append((s, offset, size))
         return names, labels, where
+
+    def _lost_images(self, shard: Shard, image_exts: set[str]) -> dict[str, str]:
+        """{key: image name} of the samples whose image the damage took (their other members may remain)."""
+        lost = {}
+        for key, parts in _group([(name, 0, 0) for name in shard.lost]):
+            ext = next((e for e, _, _ in parts if e.lower() in image_exts), None)
+            if ext is not None:
+                lost[key] = f"{self.root}/{unquote(key)}.{ext}"
+        return lost
 
     def _labels(self, names: list[str], cls_members: list) -> tuple[list[int], list[str]]:
         """As a folder: the first folder of the name; else the ``.cls`` members; else none (-1)."""
