@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .fileio import atomic_write, disk_full, disk_full_error
+from .run_folder import METRICS, STEPS
 
 __all__ = ["STEPS_NAME", "METRICS_NAME", "read_jsonl", "append_jsonl", "trim_jsonl"]
 
-STEPS_NAME, METRICS_NAME = "steps.jsonl", "metrics.jsonl"
+STEPS_NAME, METRICS_NAME = STEPS, METRICS  # the names other modules import
 
 
 def _parse(line: str) -> dict[str, Any] | None:

@@ -11,11 +11,12 @@ from typing import Any, NamedTuple, Sequence
 
 from .errors import MocohubError
 from .fileio import atomic_write
-from .jsonlog import METRICS_NAME, STEPS_NAME, read_jsonl
+from .jsonlog import read_jsonl
+from .run_folder import CURVES, METRICS, STEPS, RunFolder
 
 __all__ = ["CURVES_NAME", "PLOT_INSTALL", "RunCurves", "read_run", "plot_runs", "write_curves"]
 
-CURVES_NAME = "curves.png"
+CURVES_NAME = CURVES  # the name other modules import
 PLOT_INSTALL = "pip install 'mocohub[plot]' (or pip install matplotlib)"
 
 # (key, panel title, y label); loss, acc1 and lr come from steps.jsonl (else metrics.jsonl).
@@ -46,9 +47,10 @@ def _steps_per_epoch(steps: list[dict[str, Any]], epochs: list[dict[str, Any]]) 
 def read_run(run_dir: str | os.PathLike, name: str | None = None) -> RunCurves:
     """Both logs of ``run_dir``; a folder with neither is refused (it is not a training run)."""
     run_dir = Path(run_dir)
-    steps, epochs = read_jsonl(run_dir / STEPS_NAME), read_jsonl(run_dir / METRICS_NAME)
+    folder = RunFolder(run_dir)
+    steps, epochs = read_jsonl(folder.steps), read_jsonl(folder.metrics)
     if not steps and not epochs:
-        raise MocohubError(f"{run_dir} has no {STEPS_NAME} or {METRICS_NAME} yet: pass the folder of a "
+        raise MocohubError(f"{run_dir} has no {STEPS} or {METRICS} yet: pass the folder of a "
                            "`mocohub train` run (its --out)")
     steps = [r for r in steps if "step" in r and "epoch" in r]
     return RunCurves(name or run_dir.resolve().name, steps, epochs, _steps_per_epoch(steps, epochs))
@@ -143,4 +145,4 @@ def write_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike | None =
         run = read_run(run_dir)
     except MocohubError:  # nothing logged yet
         return None
-    return _save([run], out_png or Path(run_dir) / CURVES_NAME)
+    return _save([run], out_png or RunFolder(run_dir).curves)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["CHECKPOINT", "METRICS", "STEPS", "CURVES", "TENSORBOARD", "BACKBONE", "RECORD", "LOCK", "RunFolder"]
+__all__ = ["CHECKPOINT", "METRICS", "STEPS", "CURVES", "TENSORBOARD", "BACKBONE", "RECORD", "LOCK", "OUTPUTS",
+           "RunFolder"]
 
 CHECKPOINT = "checkpoint.pth.tar"  # the official layout of the run's generation, plus a "mocohub" entry
 METRICS = "metrics.jsonl"          # one JSON row per epoch: loss, accuracy, lr, images/s, skipped, kNN
@@ -18,6 +19,8 @@ TENSORBOARD = "tensorboard"        # the same scalars for TensorBoard (--tensorb
 BACKBONE = "backbone"              # the export: model.safetensors + config.json + model card
 RECORD = "run.json"                # the choices made at start (precision and why, device, ...), for tools
 LOCK = ".lock"                     # held while a trainer runs in the folder
+# what one run writes: ``--restart`` moves these aside
+OUTPUTS = (CHECKPOINT, METRICS, STEPS, BACKBONE, CURVES, TENSORBOARD, RECORD)
 
 
 class RunFolder:

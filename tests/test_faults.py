@@ -142,7 +142,7 @@ def test_an_epochs_metrics_row_is_written_before_its_checkpoint(data, tmp_path, 
     """What a kill during the kNN monitor relies on: it finds the previous checkpoint, so the resume
     trains the epoch and writes its row again. (The harness above kills as soon as the row is pending,
     before a checkpoint saved ahead of the monitor would have landed: it cannot tell the orders apart.)"""
-    import mocohub.training.trainer as trainer_module
+    import mocohub.training.state as trainer_module
     run, seen, real = tmp_path / "run", [], trainer_module.save_checkpoint
 
     def save(state, path):
@@ -176,6 +176,9 @@ def test_full_disk_at_a_log_append_cuts_the_log_back_and_the_same_command_contin
     run.mkdir()
     (run / ".lock").write_text("0")  # its block exists, so the run lock needs no new one
     disk.fill()
+    _disk_full(_train(mocohub_cli, data[0], run, "--max-steps", "2"), "run.json")  # the first file a run writes
+    assert _leftovers(disk.path) == [] and not (run / "run.json").exists()
+    disk.resize(disk.used() + 4096)  # room for run.json, none for a log row
     proc = _train(mocohub_cli, data[0], run, "--max-steps", "2")
     _disk_full(proc, "steps.jsonl")
     assert "keeps its earlier rows" in proc.stderr

@@ -133,3 +133,31 @@ def test_bn_splits_convert_both_encoders_and_keep_state_dict():
     assert set(plain.state_dict()) == set(split.state_dict())
     logits, _ = split(torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8))
     assert logits.shape == (8, 17)
+
+
+def test_logits_are_fp32_under_bf16_autocast_and_equal_the_fp32_computation():
+    """The encoders run in bf16 under autocast; the InfoNCE logits must not (a bf16 l_neg rounds the
+    negatives to 3 significant digits while l_pos stays fp32)."""
+    torch.manual_seed(0)
+    model = MoCo(_Linear64(), dim=64, K=256, m=0.5, T=0.07)
+    x_q, x_k = torch.randn(8, 64), torch.randn(8, 64)
+    queue = model.queue.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = model.encoder_q(x_q).float()
+        logits, labels = model(x_q, x_k)
+    assert logits.dtype == torch.float32
+    q = F.normalize(q, dim=1)
+    k = F.normalize(model.queue[:, :8].t(), dim=1)  # the keys just enqueued
+    expected = torch.cat([(q * k).sum(1, keepdim=True), q @ queue], dim=1) / 0.07
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-5)
+
+
+class _Linear64(nn.Module):
+    """A 64-wide one-layer encoder: bf16 rounding shows in its outputs (test_moco_v3 uses it too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc(x)

@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mocohub import MoCoV3, MocohubError, from_pretrained
 from mocohub.backbones import create_vit
@@ -14,6 +15,7 @@ from mocohub.zoo.pretrained import build_config, write_pretrained
 from reference_moco_v3 import (ReferenceLARS, ReferenceMoCoV3ResNet, ReferenceMoCoV3ViT, adjust_learning_rate,
                                adjust_moco_momentum, official_resnet, official_vit)
 from step_equality import assert_close
+from test_moco import _Linear64
 
 TINY_VIT = dict(img_size=16, patch_size=8, embed_dim=48, depth=2)  # 12 heads of 4 dims, a 2x2 grid
 
@@ -215,3 +217,17 @@ def test_schedules_by_hand():
     for epoch in (0.0, 3.3, 10.0, 42.7, 99.9):  # and the official functions agree everywhere
         assert v3_lr(epoch, 100, 10, 1.5e-4) == pytest.approx(adjust_learning_rate(epoch, 1.5e-4, 10, 100))
         assert v3_momentum(epoch, 100, 0.996) == pytest.approx(adjust_moco_momentum(epoch, 0.996, 100))
+
+
+def test_logits_are_fp32_under_bf16_autocast_and_equal_the_fp32_computation():
+    """The encoders run in bf16 under autocast; the contrastive logits must not."""
+    torch.manual_seed(0)
+    model = MoCoV3(_Linear64(), dim=32, mlp_dim=64, T=0.2)
+    q, k = torch.randn(8, 32), torch.randn(8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q16, k16 = (t.to(torch.bfloat16) for t in (q, k))  # what the bf16 predictor and encoder hand over
+        loss, logits, labels = model.contrastive_loss(q16, k16)
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    expected = F.normalize(q16.float(), dim=1) @ F.normalize(k16.float(), dim=1).t() / 0.2
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, F.cross_entropy(expected, torch.arange(8)) * 0.4)

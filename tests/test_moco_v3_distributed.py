@@ -24,7 +24,7 @@ def v3_step(rank: int, out: str) -> None:
     x1, x2 = _inputs()
     mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     net = DistributedDataParallel(model)  # kept alive until backward: its reducer averages the gradients
-    loss, logits, labels = net(x1[mine], x2[mine], M, return_logits=True)
+    loss, logits, labels = net(x1[mine], x2[mine], M, return_loss=True)
     loss.backward()
     torch.save({"loss": loss.detach(), "logits": logits.detach(), "labels": labels,
                 "grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad},

@@ -8,7 +8,7 @@ from torchvision import transforms as T
 
 from mocohub.data.augment import GaussianBlur, augmentation
 from mocohub.training import RECIPES, TrainConfig
-from mocohub.training.schedule import make_scheduler
+from mocohub.training.schedule import lr_schedule
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CIFAR = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the official CIFAR-10 demo's
@@ -123,31 +123,21 @@ def test_v3_warmup_cosine_schedule_per_iteration():
     from mocohub.training.algorithms import build_algorithm
     cfg = TrainConfig.from_recipe("moco-v3", batch_size=512, mlp_dim=16)  # peak 0.6 x 2 = 1.2
     algo = build_algorithm(cfg, steps_per_epoch=10, bn_splits=1, device=torch.device("cpu"), sync_bn=False)
-    lrs = []
-    for step in range(1001):
-        lrs.append(algo.optimizer.param_groups[0]["lr"])
-        algo.optimizer.step()
-        algo.scheduler.step()
+    lrs = [algo.schedule(step)["lr"] for step in range(1001)]
+    assert algo.optimizer.param_groups[0]["lr"] == lrs[-1]  # set on the optimiser, as adjust_learning_rate
     cos = lambda epoch: 1.2 * 0.5 * (1 + math.cos(math.pi * (epoch - 10) / 90))  # noqa: E731
     assert [lrs[s] for s in (0, 5, 50, 99, 100, 101, 550, 1000)] == pytest.approx(
         [0.0, 0.06, 0.6, 1.2 * 9.9 / 10, 1.2, cos(10.1), 0.6, 0.0], abs=1e-12)
-    assert algo.momentum(0) == 0.99 and algo.momentum(500) == pytest.approx(0.995)
-    assert algo.momentum(1000) == pytest.approx(1.0)
+    assert algo.schedule(0)["moco_m"] == 0.99 and algo.schedule(500)["moco_m"] == pytest.approx(0.995)
+    assert algo.schedule(1000)["moco_m"] == pytest.approx(1.0)
 
 
 def _lrs(name: str, steps: list[int], *, per_iteration: bool, steps_per_epoch: int = 10) -> list[float]:
-    """The lr a real SGD optimiser holds at each of ``steps`` under the recipe's schedule."""
+    """The lr of each of ``steps`` under the recipe's schedule."""
     recipe = RECIPES[name]
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.lr)
-    sched = make_scheduler(opt, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch, schedule=recipe.schedule,
-                           milestones=recipe.lr_steps, per_iteration=per_iteration)
-    out = []
-    for step in range(max(steps) + 1):
-        if step in steps:
-            out.append(opt.param_groups[0]["lr"])
-        opt.step()  # no gradient: a no-op, in the order torch expects
-        sched.step()
-    return out
+    factor = lr_schedule(epochs=recipe.epochs, steps_per_epoch=steps_per_epoch, schedule=recipe.schedule,
+                         milestones=recipe.lr_steps, per_iteration=per_iteration)
+    return [recipe.lr * factor(step) for step in steps]
 
 
 STEPS = [0, 5, 15, 1195, 1200, 1599, 1600, 1999]  # 10 steps per epoch: epochs 0, 0.5, 1.5, 119.5, 120, ...

@@ -10,7 +10,8 @@ from mocohub import MoCo
 from mocohub.data.synthetic import make_dataset
 from mocohub.errors import MocohubError
 from mocohub.training import TrainConfig
-from mocohub.training.algorithms import build_algorithm, check_generation
+from mocohub.training.algorithms import build_algorithm
+from mocohub.training.validate import check_generation
 from mocohub.training.resume import config_differences
 from mocohub.training.trainer import Trainer
 

@@ -2,7 +2,6 @@
 import hashlib
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -96,6 +95,14 @@ def test_resume_reproduces_uninterrupted_losses(folders, tmp_path):
     a, b = load_checkpoint(whole / "checkpoint.pth.tar"), load_checkpoint(split / "checkpoint.pth.tar")
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    # epoch 0's row averages all 5 steps, 3 of them run before the stop (not only the 2 after it)
+    assert _epoch_rows(split) == _epoch_rows(whole) and len(_epoch_rows(whole)) == 2
+
+
+def _epoch_rows(run: Path, keys=("epoch", "loss", "acc1", "lr", "skipped")) -> list[dict]:
+    """metrics.jsonl without its timings."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: row[k] for k in keys} for row in rows]
 
 
 def test_failed_checkpoint_write_keeps_previous(folders, tmp_path, monkeypatch):
@@ -129,20 +136,46 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(folders, tmp_path, capsys
     assert json.loads((run / "backbone" / "config.json").read_text())["mocohub"]["epochs"] == 1
 
 
-def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path):
+def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path, capsys):
     train_dir, _ = make_dataset(tmp_path / "data", train_per_class=1, val_per_class=0, size=16)
     (train_dir / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (train_dir / "square" / "notes.txt").write_text("not an image")
     run = tmp_path / "run"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert main(["train", str(train_dir), *SMALL, "--batch-size", "4", "--moco-k", "8", "--epochs", "1",
-                     "--out", str(run)]) == 0
-    messages = [str(w.message) for w in caught]
-    assert sum("broken.jpg" in m for m in messages) == 1
-    assert any("notes.txt" in m for m in messages)
+    assert main(["train", str(train_dir), *SMALL, "--batch-size", "4", "--moco-k", "8", "--epochs", "1",
+                 "--out", str(run)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]  # one line each
+    assert sum("broken.jpg" in m for m in warned) == 1
+    assert any("notes.txt" in m for m in warned)
     row = json.loads((run / "metrics.jsonl").read_text())
     assert row["skipped"] == 2  # the text file, and the corrupt JPEG (met once in the epoch)
+
+
+def test_skipped_counts_files_not_decode_attempts(tmp_path, capsys):
+    """4 undecodable files in a row: each one met tries the next ones as substitutes (4 + 3 + 2 + 1
+    failed decodes in the epoch), and the row counts the 4 files."""
+    train_dir, _ = make_dataset(tmp_path / "data", train_per_class=2, val_per_class=0, size=16)  # 20 images
+    for path in sorted(train_dir.rglob("*.png"))[:4]:  # the folder's first 4 samples
+        path.write_bytes(b"\xff\xd8 not a JPEG any more")
+    run = tmp_path / "run"
+    assert main(["train", str(train_dir), *SMALL, "--batch-size", "4", "--moco-k", "8", "--epochs", "1",
+                 "--cache-images", "off", "--out", str(run)]) == 0
+    assert json.loads((run / "metrics.jsonl").read_text())["skipped"] == 4
+    assert capsys.readouterr().err.count("could not be decoded") == 4  # one warning per file
+
+
+def test_nan_message_names_only_a_checkpoint_that_exists_and_fp32_only_to_other_precisions(folders, tmp_path,
+                                                                                            capsys):
+    from mocohub.training.stop import divergence_error
+    run = tmp_path / "fresh"
+    code = main(["train", str(folders[0]), *SMALL, "--epochs", "1", "--lr", "1e30", "--precision", "fp32",
+                 "--out", str(run)])
+    err = capsys.readouterr().err
+    assert code == 3 and "loss became nan" in err and "before its first checkpoint, so nothing was saved" in err
+    assert "checkpoint.pth.tar" not in err and "--precision fp32" not in err and "Lower --lr" in err
+    saved = tmp_path / "checkpoint.pth.tar"
+    saved.write_bytes(b"a checkpoint")
+    message = str(divergence_error("inf", 7, 1, saved, "bf16"))
+    assert f"{saved} still holds the last good state" in message and "or train with --precision fp32" in message
 
 
 @pytest.mark.parametrize("args, message", [

@@ -142,7 +142,7 @@ def test_auto_precision_follows_the_hardware_in_the_start_line(avx2_process):
     exactly when the CPU has native bf16."""
     code, out, err = avx2_process()
     assert code == 0 and len(out) == len(err) == 2, err[-1][-2000:]
-    assert "precision fp32 (this CPU (AVX2) has no native bf16" in out[1] and "NCHW" in out[1]
+    assert "precision fp32 (bf16 would be emulated on AVX2)" in out[1] and "NCHW" in out[1]
     native, _ = native_bf16("cpu")
     assert resolve_precision("auto", "cpu")[0] == ("bf16" if native else "fp32")
     assert resolve_channels_last("auto", "bf16") and not resolve_channels_last("auto", "fp32")
@@ -151,7 +151,7 @@ def test_auto_precision_follows_the_hardware_in_the_start_line(avx2_process):
 def test_explicit_bf16_on_a_cpu_without_it_warns_once(avx2_process):
     _, out, err = avx2_process()
     assert out[0].count("('bf16', 'as asked')") == 2
-    assert err[0].count("has no native bf16") == 1 and "auto (fp32 here) is faster" in err[0]
+    assert err[0].count("bf16 would be emulated on AVX2") == 1 and "auto (fp32 here) is faster" in err[0]
 
 
 def test_a_cpu_run_augments_cached_images_in_batches_without_loader_workers(data, tmp_path):
@@ -168,3 +168,20 @@ def test_a_cpu_run_augments_cached_images_in_batches_without_loader_workers(data
             assert (t.aug_impl, t.workers) == expected, flags
         finally:
             t.close()
+
+
+def test_batched_views_are_made_in_the_training_memory_format(data, tmp_path):
+    """One layout conversion per view: the batched augmentation writes channels-last itself (the
+    transfer to the device then keeps it), instead of NCHW converted afterwards."""
+    from mocohub.training.trainer import Trainer
+    t = Trainer(TrainConfig.from_recipe("cifar", data=str(data), out=str(tmp_path / "run"), image_size=16,
+                                        batch_size=8, moco_k=32, workers=0, progress=False, arch="test_resnet",
+                                        precision="fp32", channels_last=True, aug_impl="batched"))
+    try:
+        calls, real = [], t.input.views.augment
+        t.input.views.augment = lambda *args, **kwargs: (calls.append(kwargs), real(*args, **kwargs))[1]
+        views = t.input.two_views(next(t.input.epoch(t.sampler, t.per_rank, 0)))
+        assert calls == [{"channels_last": True}]
+        assert all(v.is_contiguous(memory_format=torch.channels_last) and v.shape == (8, 3, 16, 16) for v in views)
+    finally:
+        t.close()

@@ -10,7 +10,8 @@ from mocohub.data.synthetic import make_dataset
 from mocohub.errors import MocohubError
 from mocohub.training import TrainConfig
 from mocohub.cli.train import config_from_args
-from mocohub.training.trainer import Trainer, _check_config
+from mocohub.training.trainer import Trainer
+from mocohub.training.validate import validate
 
 
 def _config(argv: list[str]) -> TrainConfig:
@@ -124,14 +125,14 @@ BN_RULE = [
 @pytest.mark.parametrize("batch, world, groups, splits", BN_RULE)
 def test_bn_group_rule(batch, world, groups, splits):
     cfg = TrainConfig.from_recipe("cifar", batch_size=batch, moco_k=batch * 4, bn_groups=groups, precision="fp32")
-    assert _check_config(cfg, world) == splits
+    assert validate(cfg, world) == splits
 
 
 def test_explicit_bn_splits_override_the_rule():
     cfg = TrainConfig.from_recipe("cifar", batch_size=8, moco_k=32, bn_splits=4, precision="fp32")
-    assert _check_config(cfg, 1) == 4 and _check_config(dataclasses.replace(cfg, bn_splits=2), 2) == 2
+    assert validate(cfg, 1) == 4 and validate(dataclasses.replace(cfg, bn_splits=2), 2) == 2
     with pytest.raises(MocohubError, match="not divisible by 4 BN splits"):
-        _check_config(cfg, 4)  # 2 images per process
+        validate(cfg, 4)  # 2 images per process
 
 
 def test_a_run_with_two_bn_groups_trains_with_split_batchnorm(tmp_path):

@@ -66,6 +66,20 @@ def test_resume_refuses_other_data(folders, trained, tmp_path, capsys):
     assert "data_images" in capsys.readouterr().err
 
 
+def test_resume_refuses_as_many_images_under_other_names(folders, trained, tmp_path, capsys):
+    """The fingerprint covers the file names, not only their count (40 images here and there)."""
+    import shutil
+    renamed = shutil.copytree(folders[0], tmp_path / "renamed")
+    for path in sorted(renamed.rglob("*.png"))[:3]:
+        path.rename(path.with_name("x" + path.name))
+    moved = shutil.copytree(folders[0], tmp_path / "moved")  # the same names elsewhere: the same data
+    run = _copy(trained, tmp_path / "run")
+    assert main(["train", str(renamed), *TINY, "--epochs", "2", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "data_images" in err and "'images': 40" in err
+    assert main(["train", str(moved), *TINY, "--epochs", "2", "--max-steps", "6", "--out", str(run)]) == 0
+
+
 def test_resume_applies_and_reports_allowed_changes(folders, trained, tmp_path, capsys):
     run = _copy(trained, tmp_path / "run")
     moved = _copy(folders[0], tmp_path / "moved")  # the same images elsewhere are the same data

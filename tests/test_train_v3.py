@@ -86,6 +86,11 @@ def test_checkpoint_has_the_official_v3_layout(runs, arch):
     model = mocohub.MoCoV3(RESNET, 32, 64, stem="cifar") if arch == "resnet" else \
         mocohub.MoCoV3("test_vit", 32, 64, T=0.2, img_size=16, patch_size=4, stop_grad_conv1=True)
     model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}, strict=True)
+    # main_moco.py --resume: scaler.load_state_dict(checkpoint['scaler']) on an enabled GradScaler
+    # (an fp32/bf16 run's own scaler is disabled; its empty state would raise here)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    scaler.load_state_dict(ckpt["scaler"])
+    assert scaler.get_scale() == 65536.0
 
 
 def test_exported_vit_loads_in_mocohub_and_timm_with_the_trained_weights(runs):

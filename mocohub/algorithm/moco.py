@@ -7,6 +7,7 @@ Module and buffer names follow the official implementation, so its checkpoints l
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -64,6 +65,7 @@ class MoCo(nn.Module):
                  bn_splits: int = 1, symmetric: bool = False, shuffle_bn: bool = True):
         super().__init__()
         self.K, self.m, self.T, self.symmetric, self.shuffle_bn = K, m, T, symmetric, shuffle_bn
+        self.arch, self.stem, self.mlp = (backbone if isinstance(backbone, str) else None), stem, mlp
         self.encoder_q = convert_split_batchnorm(build_encoder(backbone, dim, mlp, stem), bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
@@ -71,8 +73,9 @@ class MoCo(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     @torch.no_grad()
-    def _momentum_update_key_encoder(self) -> None:
-        momentum_update_(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()), self.m)
+    def _momentum_update_key_encoder(self, m: float | None = None) -> None:
+        momentum_update_(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()),
+                         self.m if m is None else m)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
@@ -89,27 +92,31 @@ class MoCo(nn.Module):
     def _contrast(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """InfoNCE logits (N x (1+K), positives in column 0) of the queries against their keys and the
         queue, and the keys (computed under Shuffle BN, unless ``shuffle_bn`` is off)."""
-        q = F.normalize(self.encoder_q(im_q).to(self.queue.dtype), dim=1)  # fp32 under autocast
+        q = self.encoder_q(im_q)
         with torch.no_grad():
             if self.shuffle_bn:
                 im_k, inverse = shuffle_across_ranks(im_k)  # Shuffle BN
-            k = F.normalize(self.encoder_k(im_k).to(self.queue.dtype), dim=1)
+            k = self.encoder_k(im_k)
             if self.shuffle_bn:
                 k = unshuffle(k, inverse)
-        l_pos = (q * k).sum(dim=1, keepdim=True)
-        l_neg = q @ self.queue.clone().detach()
-        return torch.cat([l_pos, l_neg.to(l_pos.dtype)], dim=1) / self.T, k
+        with torch.autocast(q.device.type, enabled=False):  # the logits in the queue's fp32, not bf16/fp16
+            q = F.normalize(q.to(self.queue.dtype), dim=1)
+            k = F.normalize(k.to(self.queue.dtype), dim=1)
+            l_pos = (q * k).sum(dim=1, keepdim=True)
+            l_neg = q @ self.queue.clone().detach()
+            return torch.cat([l_pos, l_neg], dim=1) / self.T, k
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, *, return_loss: bool = False
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, m: float | None = None, *, return_loss: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """InfoNCE logits and their labels (zeros), or with ``return_loss`` (a keyword, so that DDP's
-        forward carries it) ``(loss, logits, labels)``; with ``symmetric`` the logits of both
-        directions are stacked (2N rows) and the loss is the sum of the two cross-entropies."""
+        forward carries it) ``(loss, logits, labels)``, the triple ``MoCoV3`` returns too; with
+        ``symmetric`` the logits of both directions are stacked (2N rows) and the loss is the sum of
+        the two cross-entropies. ``m``: this step's key-encoder momentum (default: the fixed ``self.m``)."""
         if self.symmetric and not return_loss:
             raise ValueError("the symmetric loss is a sum of two cross-entropies: call "
                              "moco(im_q, im_k, return_loss=True) -> (loss, logits, labels)")
         with torch.no_grad():
-            self._momentum_update_key_encoder()
+            self._momentum_update_key_encoder(m)
         logits, k = self._contrast(im_q, im_k)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         loss = F.cross_entropy(logits, labels) if return_loss else None
@@ -120,6 +127,34 @@ class MoCo(nn.Module):
         self._dequeue_and_enqueue(k)
         return (loss, logits, labels) if return_loss else (logits, labels)
 
+    # -- what a trainer asks of either generation (``MoCoV3`` answers the same) -------------------
+    generation = "v1/v2"  # the checkpoint layout ``training.checkpoint.load_checkpoint`` accepts
+
+    @property
+    def query_encoder(self) -> nn.Module:
+        """Backbone plus head: the encoder that learns (``dim`` outputs)."""
+        return self.encoder_q
+
+    @property
+    def encoders(self) -> tuple[nn.Module, nn.Module]:
+        """(query encoder, key encoder)."""
+        return self.encoder_q, self.encoder_k
+
+    def describe(self) -> str:
+        return f"K {self.K}, {'MLP' if self.mlp else 'linear'} head"
+
+    def checkpoint_extras(self, scaler: torch.amp.GradScaler) -> dict[str, Any]:
+        """Entries of the official v1/v2 checkpoint beyond epoch, arch, state_dict, optimizer: none."""
+        return {}
+
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The query encoder without its MoCo head: what transfers downstream."""
         return {k: v for k, v in self.encoder_q.state_dict().items() if not k.startswith("fc.")}
+
+    def backbone_config(self) -> dict[str, Any]:
+        """What rebuilds the exported backbone (see ``MoCoV3.backbone_config``)."""
+        if self.arch is None:
+            raise ValueError("MoCo was given a backbone module, so it cannot name its architecture: "
+                             "build the export config yourself (zoo.build_config)")
+        return {"architecture": self.arch, "model_args": {}, "num_features": self.encoder_q.num_features,
+                "stem": self.stem, "pretrained_cfg": {}}

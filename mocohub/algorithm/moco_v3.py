@@ -104,18 +104,19 @@ class MoCoV3(nn.Module):
     def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """InfoNCE of this rank's queries against every rank's keys; the positive of query n on rank r
         is key N*r + n. Scaled by 2T, as the official code. Returns loss, logits and labels."""
-        dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 logits under autocast
-        q = F.normalize(q.to(dtype), dim=1)
-        k = concat_all_gather(F.normalize(k.to(dtype), dim=1))
-        logits = q @ k.t() / self.T
-        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank()
-        return F.cross_entropy(logits, labels) * (2 * self.T), logits, labels
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):  # the logits in fp32, not bf16/fp16
+            q = F.normalize(q.to(dtype), dim=1)
+            k = concat_all_gather(F.normalize(k.to(dtype), dim=1))
+            logits = q @ k.t() / self.T
+            labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank()
+            return F.cross_entropy(logits, labels) * (2 * self.T), logits, labels
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float, *,
-                return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                return_loss: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The loss ctr(q1, k2) + ctr(q2, k1); the momentum encoder is updated with ``m`` before the
-        keys are computed. ``return_logits``: also the logits and labels of both terms (stacked), for
-        an accuracy monitor."""
+        keys are computed. ``return_loss``: ``(loss, logits, labels)`` with both terms' logits and
+        labels stacked, the triple ``MoCo`` returns too (for an accuracy monitor)."""
         q1 = self.predictor(self.base_encoder(x1))
         q2 = self.predictor(self.base_encoder(x2))
         with torch.no_grad():
@@ -125,9 +126,31 @@ class MoCoV3(nn.Module):
         loss_12, logits_12, labels = self.contrastive_loss(q1, k2)
         loss_21, logits_21, _ = self.contrastive_loss(q2, k1)
         loss = loss_12 + loss_21
-        if return_logits:
+        if return_loss:
             return loss, torch.cat([logits_12, logits_21]), torch.cat([labels, labels])
         return loss
+
+    # -- what a trainer asks of either generation (``MoCo`` answers the same) ---------------------
+    generation = "v3"  # the checkpoint layout ``training.checkpoint.load_checkpoint`` accepts
+
+    @property
+    def query_encoder(self) -> nn.Module:
+        """Backbone plus projector (without the predictor): ``dim`` outputs, as the momentum encoder's."""
+        return self.base_encoder
+
+    @property
+    def encoders(self) -> tuple[nn.Module, nn.Module]:
+        """(base encoder, momentum encoder)."""
+        return self.base_encoder, self.momentum_encoder
+
+    def describe(self) -> str:
+        return f"mlp-dim {self.predictor[0].out_features}"
+
+    def checkpoint_extras(self, scaler: torch.amp.GradScaler) -> dict[str, Any]:
+        """The official ``main_moco.py`` saves its AMP ``scaler`` and on ``--resume`` loads it into an
+        enabled GradScaler, which refuses an empty state: a run without fp16 writes a fresh one's."""
+        state = scaler.state_dict() if scaler.is_enabled() else torch.amp.GradScaler("cpu").state_dict()
+        return {"scaler": state}
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The base encoder without its projector: what transfers downstream."""
@@ -142,7 +165,9 @@ class MoCoV3(nn.Module):
                                "build the export config yourself (zoo.build_config)")
         if self.projector_name == "fc":
             arch, model_args = self.arch, dict(self.backbone_args)
+            layout = {}
         else:
             arch, model_args = vit_architecture(self.arch, **self.backbone_args)
+            layout = {"first_conv": "patch_embed.proj", "classifier": "head"}
         return {"architecture": arch, "model_args": model_args, "num_features": self.num_features,
-                "stem": self.stem}
+                "stem": self.stem, "pretrained_cfg": layout}

@@ -13,6 +13,8 @@ import math
 import sys
 from typing import Any, Mapping, Sequence
 
+from ..formatting import duration, pct
+
 __all__ = ["EXIT_CODES", "add_json_flag", "emit", "say", "clean", "pct", "count", "duration", "num", "params",
            "table"]
 
@@ -54,26 +56,9 @@ def say(text: str, as_json: bool) -> None:
     print(text, file=sys.stderr if as_json else sys.stdout, flush=True)
 
 
-def pct(value: float | None, digits: int = 1) -> str:
-    """A percentage as people write it: ``62.4 %``."""
-    return "n/a" if value is None else f"{value:.{digits}f} %"
-
-
 def count(n: int) -> str:
     """An integer with thousands separators: ``10,000``."""
     return f"{n:,}"
-
-
-def duration(seconds: float) -> str:
-    """``0.4 s``, ``38 s``, ``1 min 35 s``, ``2 h 05 min``."""
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def num(value: float, digits: int = 3) -> str:

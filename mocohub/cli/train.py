@@ -5,16 +5,21 @@ import argparse
 import contextlib
 import sys
 
-from ..data.augment import AUGMENTATIONS
+from dataclasses import fields
+
 from ..data.folder import DEFAULT_WORKERS
-from ..jsonlog import METRICS_NAME, read_jsonl
-from ..precision import PRECISION_CHOICES
-from .output import add_json_flag, emit
+from ..jsonlog import read_jsonl
+from ..run_folder import RunFolder
 from ..training.config import TrainConfig
 from ..training.recipes import RECIPES
 from ..training.trainer import train
+from ..training.validate import CHOICES
+from .output import add_json_flag, emit
 
 __all__ = ["add_parser", "config_from_args", "run"]
+
+
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}  # the run's own settings: one source
 
 
 def _recipe_default(field: str) -> str:
@@ -44,11 +49,11 @@ def _bool(text: str) -> bool:
 # flag -> (recipe field, type, extra argparse options)
 RECIPE_FLAGS = {
     "--arch": ("arch", str, {"metavar": "ARCH"}),
-    "--stem": ("stem", str, {"choices": ("imagenet", "cifar")}),
+    "--stem": ("stem", str, {"choices": CHOICES["stem"]}),
     "--epochs": ("epochs", int, {}),
     "--batch-size": ("batch_size", int, {"metavar": "N"}),
     "--lr": ("lr", float, {}),
-    "--schedule": ("schedule", str, {"choices": ("step", "cos")}),
+    "--schedule": ("schedule", str, {"choices": CHOICES["schedule"]}),
     "--lr-steps": ("lr_steps", int, {"nargs": "+", "metavar": "EPOCH"}),
     "--momentum": ("momentum", float, {}),
     "--wd": ("weight_decay", float, {}),
@@ -59,11 +64,11 @@ RECIPE_FLAGS = {
     "--mlp": ("mlp", _bool, {"metavar": "BOOL"}),
     "--symmetric": ("symmetric", _bool, {"metavar": "BOOL"}),
     "--shuffle-bn": ("shuffle_bn", _bool, {"metavar": "BOOL"}),
-    "--aug": ("aug", str, {"choices": tuple(AUGMENTATIONS)}),
+    "--aug": ("aug", str, {"choices": CHOICES["aug"]}),
     "--image-size": ("image_size", int, {}),
     "--crop-min": ("crop_min", float, {"metavar": "SCALE"}),
     "--bn-groups": ("bn_groups", int, {}),
-    "--optimizer": ("optimizer", str, {"choices": ("sgd", "lars", "adamw")}),
+    "--optimizer": ("optimizer", str, {"choices": CHOICES["optimizer"]}),
     "--warmup-epochs": ("warmup_epochs", int, {}),
     "--moco-m-cos": ("moco_m_cos", _bool, {"metavar": "BOOL"}),
     "--mlp-dim": ("mlp_dim", int, {}),
@@ -103,7 +108,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "Under torchrun every process runs this command; --batch-size is global.",
                        epilog=EPILOG, formatter_class=_HelpFormatter)
     p.add_argument("data", metavar="DATA_DIR", help="folder of images, searched recursively")
-    p.add_argument("--recipe", default="moco-v2", choices=tuple(RECIPES), help="the paper setting to start from")
+    p.add_argument("--recipe", default=DEFAULTS["recipe"], choices=CHOICES["recipe"],
+                   help="the paper setting to start from")
     p.add_argument("--out", default=None, metavar="RUN_DIR",
                    help="checkpoints, metrics and the exported backbone go here; an existing run folder resumes "
                         "(if its settings match). Default: a fresh runs/<recipe>-<arch>-<time>")
@@ -117,7 +123,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="v1/v2: update the schedule every step instead of every epoch (v3 always does, as its "
                          "official code)")
     hw = p.add_argument_group("hardware")
-    hw.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+    hw.add_argument("--precision", default=DEFAULTS["precision"], choices=CHOICES["precision"],
                     help="autocast precision; auto: bf16 where the hardware computes it natively "
                          "(AMX CPUs, bf16 GPUs), else fp32")
     hw.add_argument("--channels-last", type=_bool, default=None, metavar="BOOL",
@@ -125,17 +131,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     hw.add_argument("--workers", type=int, default=None,
                     help="data-loading processes per training process; default: none on a CPU that augments cached "
                          f"images in batches (the cores train instead), else {DEFAULT_WORKERS}")
-    hw.add_argument("--aug-impl", default="auto", choices=("auto", "pil", "batched"),
+    hw.add_argument("--aug-impl", default=DEFAULTS["aug_impl"], choices=CHOICES["aug_impl"],
                     help="augmentation: batched tensor ops (auto) or PIL per image in the workers (the reference)")
-    hw.add_argument("--aug-device", default="auto", help="where batched augmentation runs (cpu, cuda); auto: the "
-                                                          "training device")
-    hw.add_argument("--cache-images", default="auto", choices=("auto", "on", "off"),
+    hw.add_argument("--aug-device", default=DEFAULTS["aug_device"],
+                    help="where batched augmentation runs (cpu, cuda); auto: the training device")
+    hw.add_argument("--cache-images", default=DEFAULTS["cache_images"], choices=CHOICES["cache_images"],
                     help="decode the images once and keep them in shared memory; auto: when they fit in a "
                          "quarter of the free memory (at most 2 GiB)")
     hw.add_argument("--compile", action="store_true", help="torch.compile the encoders (needs a C compiler on CPU)")
     hw.add_argument("--device", default=None, help="e.g. cpu or cuda:0; default: the local GPU, else CPU")
     run_g = p.add_argument_group("run")
-    run_g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")
+    run_g.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                       help="seeds initialisation, data order and augmentations")
     run_g.add_argument("--resume", default=None, metavar="CHECKPOINT",
                        help="a mocohub or official MoCo checkpoint of the recipe's generation (v1/v2 or v3); "
                             "RUN_DIR/checkpoint.pth.tar resumes by itself")
@@ -143,10 +150,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="start an existing RUN_DIR over; its earlier files are moved to RUN_DIR/previous-<time>/")
     run_g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
     run_g.add_argument("--val", default=None, metavar="DIR", help="labelled folder for the kNN monitor")
-    run_g.add_argument("--knn-every", type=int, default=1, metavar="EPOCHS", help="epochs between kNN scores")
-    run_g.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted kNN")
-    run_g.add_argument("--knn-t", type=float, default=0.1, help="temperature of the weighted kNN")
-    run_g.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="steps between metric lines")
+    run_g.add_argument("--knn-every", type=int, default=DEFAULTS["knn_every"], metavar="EPOCHS",
+                       help="epochs between kNN scores")
+    run_g.add_argument("--knn-k", type=int, default=DEFAULTS["knn_k"], help="neighbours of the weighted kNN")
+    run_g.add_argument("--knn-t", type=float, default=DEFAULTS["knn_t"], help="temperature of the weighted kNN")
+    run_g.add_argument("--log-every", type=int, default=DEFAULTS["log_every"], metavar="STEPS",
+                       help="steps between metric lines (and, under torchrun, stop agreements)")
     run_g.add_argument("--tensorboard", action="store_true",
                        help="also write the logged scalars to RUN_DIR/tensorboard (pip install 'mocohub[tensorboard]')")
     run_g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -166,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     # under --json the run's own lines go to stderr, so stdout is the one result object
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         out = train(config_from_args(args))
-    metrics = read_jsonl(out.parent / METRICS_NAME)
+    metrics = read_jsonl(RunFolder(out.parent).metrics)
     emit({"backbone": str(out), "run_dir": str(out.parent), "epochs": len(metrics),
           "last_epoch": metrics[-1] if metrics else None},
          f"backbone saved to {out}; load it with mocohub.from_pretrained({str(out)!r})", args.json)

@@ -11,11 +11,11 @@ import torch
 from ..errors import MocohubError
 from ..fileio import atomic_write
 from ..zoo.formats import pretraining_format, read_checkpoint
-from ..zoo.pretrained import RUN_CHECKPOINT
+from ..run_folder import CHECKPOINT
 
 __all__ = ["CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
-CHECKPOINT_NAME = RUN_CHECKPOINT
+CHECKPOINT_NAME = CHECKPOINT
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:

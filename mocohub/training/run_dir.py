@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import MocohubError
+from ..run_folder import RunFolder
 
 try:
     import fcntl
@@ -14,9 +15,6 @@ except ImportError:  # Windows: no advisory locks; the guard is skipped
     fcntl = None
 
 __all__ = ["fresh_run_dir", "prepare_run_dir", "RunLock", "set_aside"]
-
-LOCK_NAME = ".lock"
-
 
 def fresh_run_dir(recipe: str, arch: str, root: str | Path = "runs") -> Path:
     """``runs/<recipe>-<arch>-<date>-<time>``, never an existing folder: a new experiment never
@@ -43,7 +41,7 @@ class RunLock:
     process dies, so a crashed run never leaves the folder locked."""
 
     def __init__(self, run_dir: Path):
-        self.path, self.file = run_dir / LOCK_NAME, None
+        self.path, self.file = RunFolder(run_dir).lock, None
         if fcntl is None:
             return
         f = open(self.path, "a+")

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..errors import MocohubError
-from ..jsonlog import METRICS_NAME, STEPS_NAME, append_jsonl, trim_jsonl
+from ..jsonlog import append_jsonl, trim_jsonl
 from ..plotting import write_curves
+from ..run_folder import TENSORBOARD, RunFolder
 
 __all__ = ["RunLog", "TENSORBOARD_DIR", "TENSORBOARD_INSTALL"]
 
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = TENSORBOARD
 TENSORBOARD_INSTALL = "pip install 'mocohub[tensorboard]' (or pip install tensorboard)"
 _NOT_SCALARS = {"step", "epoch", "steps"}  # the row's position, not a curve
 
@@ -34,7 +35,7 @@ class RunLog:
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = False, curves: bool = True):
-        self.run_dir = Path(run_dir)
+        self.run_dir, self.folder = Path(run_dir), RunFolder(run_dir)
         self.curves = curves
         self._writer = self._summary_writer = None
         self._purge_step: int | None = None
@@ -49,11 +50,11 @@ class RunLog:
 
     @property
     def steps_path(self) -> Path:
-        return self.run_dir / STEPS_NAME
+        return self.folder.steps
 
     @property
     def metrics_path(self) -> Path:
-        return self.run_dir / METRICS_NAME
+        return self.folder.metrics
 
     def trim(self, step: int, epoch: int) -> None:
         """Forget what a run resumed at global ``step`` and ``epoch`` will log again: step rows
@@ -65,7 +66,7 @@ class RunLog:
     def _tensorboard(self):
         """The SummaryWriter, opened at the first row so that a ``trim`` before it can purge."""
         if self._writer is None and self._summary_writer is not None:
-            self._writer = self._summary_writer(str(self.run_dir / TENSORBOARD_DIR), purge_step=self._purge_step)
+            self._writer = self._summary_writer(str(self.folder.tensorboard), purge_step=self._purge_step)
         return self._writer
 
     def log_steps(self, rows: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:

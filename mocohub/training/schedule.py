@@ -1,12 +1,10 @@
-"""Learning-rate schedules of the official code, as a LambdaLR over optimisation steps."""
+"""Learning-rate schedules of the official code, as factors of the peak lr over optimisation steps."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
-import torch
-
-__all__ = ["lr_factor", "make_scheduler"]
+__all__ = ["lr_factor", "lr_schedule"]
 
 
 def lr_factor(epoch: float, epochs: int, schedule: str, milestones: Sequence[int] = ()) -> float:
@@ -18,11 +16,11 @@ def lr_factor(epoch: float, epochs: int, schedule: str, milestones: Sequence[int
     raise ValueError(f"unknown schedule {schedule!r}; valid: cos, step")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, *, epochs: int, steps_per_epoch: int, schedule: str,
-                   milestones: Sequence[int] = (), per_iteration: bool = False) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per iteration. By default the lr changes only at epoch starts, as the official
+def lr_schedule(*, epochs: int, steps_per_epoch: int, schedule: str, milestones: Sequence[int] = (),
+                per_iteration: bool = False) -> Callable[[int], float]:
+    """The lr factor of each step. By default it changes only at epoch starts, as the official
     ``adjust_learning_rate``; ``per_iteration`` makes it a smooth function of the fractional epoch."""
     def factor(step: int) -> float:
         epoch = step / steps_per_epoch if per_iteration else step // steps_per_epoch
         return lr_factor(epoch, epochs, schedule, milestones)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
