@@ -263,8 +263,8 @@ def _epoch_batches(ds, rank, world, epoch, start_step=0, workers=1):
     sampler = ResumableSampler(len(ds), BATCH, num_replicas=world, rank=rank, seed=11)
     ds.set_epoch(epoch)
     sampler.set_epoch(epoch, start_step=start_step)
-    loader = DataLoader(ds, batch_size=BATCH // world, sampler=sampler, num_workers=workers,
-                        collate_fn=collate_images)
+    loader = DataLoader(ds, batch_size=BATCH // world, sampler=sampler, num_workers=workers, collate_fn=collate_images,
+                        multiprocessing_context="fork" if workers else None)  # a spawned rank would spawn them
     return [(b.indices.tolist(), b.images.tolist()) for b in loader]
 
 
