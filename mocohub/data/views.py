@@ -82,7 +82,8 @@ class Stage:
         raise NotImplementedError
 
     def draw(self, u: np.ndarray, size: int) -> Params:
-        """Parameters for ``len(u)`` samples of views of ``size`` px from uniforms (N, draws)."""
+        """Parameters for ``len(u)`` samples of views of ``size`` px from uniforms (N, draws); by
+        default the coin of a stage applied with probability ``self.p``: ``on``."""
         return {"on": _coin(u[:, 0], self.p)}
 
     def apply(self, x: torch.Tensor, host: Params, dev: DevParams | None, bound: float = 1.0) -> torch.Tensor:
@@ -99,6 +100,9 @@ class Stage:
 
 @dataclass(frozen=True)
 class Flip(Stage):
+    """Horizontal flip with probability ``p``, folded into the crop (the loader's copy, or the
+    batch crop's weights)."""
+
     p: float = 0.5
     name: ClassVar[str] = "flip"
     geometric: ClassVar[bool] = True
