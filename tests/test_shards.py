@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import os
+import pickle
 import socket
 import sys
 import tarfile
@@ -255,6 +256,13 @@ def test_threads_reading_one_shard_get_their_own_bytes(folder, tmp_path):
     finally:
         sys.setswitchinterval(interval)
     assert got == expected * 100
+
+
+def test_a_dataset_with_open_shards_pickles_for_spawned_workers(folder, tmp_path):
+    ds = ShardImages(_write(folder, tmp_path / "out")["pattern"], _pixel)
+    assert ds[3][0].item() == 3  # a shard is open now
+    copy = pickle.loads(pickle.dumps(ds))
+    assert [copy[i][0].item() for i in range(N)] == list(range(N))
 
 
 def _epoch_batches(ds, rank, world, epoch, start_step=0, workers=1):
