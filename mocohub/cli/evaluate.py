@@ -23,7 +23,7 @@ from ..evaluation.linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS, fast_linear_pr
 from ..evaluation.transforms import linear_cfg, train_transform
 from ..jsonlog import append_jsonl
 from ..precision import PRECISION_CHOICES, resolve_channels_last, resolve_precision
-from ..run_folder import BACKBONE
+from ..run_folder import BACKBONE, METRICS
 from ..training.run_dir import fresh_run_dir
 from ..zoo.hub import HUB_PREFIX
 from ..zoo.loading import from_pretrained
@@ -209,7 +209,7 @@ def _lincls_out(args: argparse.Namespace) -> Path:
 
 def _lincls(args: argparse.Namespace, hw: Hardware, start: float) -> int:
     out = _lincls_out(args)
-    metrics_file = out / "metrics.jsonl"
+    metrics_file = out / METRICS  # as a run folder names its epoch rows
     out.mkdir(parents=True, exist_ok=True)
     metrics_file.unlink(missing_ok=True)
     model = from_pretrained(args.model)
