@@ -192,6 +192,22 @@ def _node_file(paths: Sequence[str]) -> str:
     return os.path.join(SHM_DIR, f"mocohub-cache-{digest}")
 
 
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _share_on_node(cache: ImageCache | None, paths: Sequence[str], file: str,
+                   barrier: Callable[[], None]) -> ImageCache | None:
+    """After local rank 0 filled ``file`` (or did not): the others map it, then its name goes."""
+    barrier()  # rank 0's file is complete (or absent)
+    if cache is None and os.path.exists(file):
+        cache = ImageCache.attach(paths, file)
+    barrier()  # everyone has mapped it: the name can go, the memory stays until the last unmaps
+    if _local_rank() == 0 and os.path.exists(file):
+        os.unlink(file)
+    return cache
+
+
 def open_cache(paths: Sequence[str], mode: str, budget: int | None = None, *,
                barrier: Callable[[], None] | None = None,
                open_image: Source | None = None) -> tuple[ImageCache | None, str]:
@@ -200,7 +216,8 @@ def open_cache(paths: Sequence[str], mode: str, budget: int | None = None, *,
     Without ``barrier`` (or alone on the node) each process holds its own copy. With a barrier that
     every process of the job enters, local rank 0 of each node decodes into a named file in
     shared memory and the others map it: one copy per node; they follow rank 0's outcome.
-    ``open_image`` as in ``ImageCache``. ``mode="on"`` raises ``MocohubError`` where the cache does not fit (every process alike).
+    ``open_image`` as in ``ImageCache``. ``mode="on"`` raises ``MocohubError`` where the cache
+    does not fit (every process alike).
     """
     if mode == "off":
         return None, "image cache off"
@@ -211,13 +228,15 @@ def open_cache(paths: Sequence[str], mode: str, budget: int | None = None, *,
     decoded = estimate_decoded_bytes(paths, open_image=open_image)
     shm_free, memory = shm_free_bytes(), available_memory()
     fits, why = cache_plan(decoded, copies, shm_free, memory)
-    if budget is not None:
-        fits = decoded <= budget
-        why = why if fits else f"image cache off: the decoded set needs {_mb(decoded)}, over the budget of {_mb(budget)}"
-    budget = _budget(copies, shm_free, memory) if budget is None else budget
+    if budget is None:
+        budget = _budget(copies, shm_free, memory)
+    elif decoded <= budget:  # an explicit budget wins over the free space
+        fits, why = True, f"image cache on: {_mb(decoded)} decoded, within the budget of {_mb(budget)}"
+    else:
+        fits, why = False, f"image cache off: the decoded set needs {_mb(decoded)}, over the budget of {_mb(budget)}"
     file = _node_file(paths) if shared else None
     cache, error = None, None
-    if (fits or mode == "on") and (not shared or int(os.environ.get("LOCAL_RANK", "0")) == 0):
+    if (fits or mode == "on") and (not shared or _local_rank() == 0):
         if file is not None and os.path.exists(file):
             os.unlink(file)  # left by a crashed run of the same job
         try:
@@ -225,12 +244,7 @@ def open_cache(paths: Sequence[str], mode: str, budget: int | None = None, *,
         except MocohubError as e:
             error, why = e, f"image cache off: {e}"
     if shared:
-        barrier()  # rank 0's file is complete (or absent)
-        if cache is None and os.path.exists(file):
-            cache = ImageCache.attach(paths, file)
-        barrier()  # everyone has mapped it: the name can go, the memory stays until the last unmaps
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and os.path.exists(file):
-            os.unlink(file)
+        cache = _share_on_node(cache, paths, file, barrier)
     if cache is None and mode == "on":
         raise error or MocohubError("cache_images='on': local rank 0 could not build the image cache (see its "
                                     "message); use cache_images='off' to stream from disk")
