@@ -77,13 +77,14 @@ class SplitBatchNorm(nn.BatchNorm2d):
         """Groups as channels: (N / s, s * C, H, W), a free view of NCHW memory, one fused batch norm."""
         n, c, h, w = x.shape
         s = self.num_splits
-        running = (self.running_mean.repeat(s), self.running_var.repeat(s)) if self.track_running_stats else (None, None)
+        tracked = self.track_running_stats
+        running = (self.running_mean.repeat(s), self.running_var.repeat(s)) if tracked else (None, None)
         out = F.batch_norm(x.reshape(-1, c * s, h, w), *running, self.weight.repeat(s) if self.affine else None,
                            self.bias.repeat(s) if self.affine else None, True, self._count_batch(),
                            self.eps).view(n, c, h, w)
         if x.is_contiguous(memory_format=torch.channels_last):  # the regrouping copied to NCHW: go back,
             out = out.contiguous(memory_format=torch.channels_last)  # or every later conv converts again
-        if self.track_running_stats:
+        if tracked:
             with torch.no_grad():
                 self.running_mean.copy_(running[0].view(s, c).mean(0))
                 self.running_var.copy_(running[1].view(s, c).mean(0))

@@ -19,7 +19,8 @@ from .knn import topk_accuracy
 
 __all__ = [
     "LinearProtocol", "PROTOCOLS", "resolve_protocol", "new_linear_head", "lr_at_epoch",
-    "train_linear_head", "evaluate_head", "fit_linear_head", "probe_bytes", "fast_linear_probe", "DEFAULT_WEIGHT_DECAYS",
+    "train_linear_head", "evaluate_head", "fit_linear_head", "probe_bytes", "fast_linear_probe",
+    "DEFAULT_WEIGHT_DECAYS",
 ]
 
 
