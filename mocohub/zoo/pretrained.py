@@ -27,15 +27,12 @@ from .card import CARD_NAME, model_card
 from .instantiate import build_loaded
 
 __all__ = [
-    "CONFIG_NAME", "WEIGHTS_NAME", "RUN_CHECKPOINT", "RUN_EXPORT", "IMAGENET_PRETRAINED_CFG", "pretrained_cfg_for",
+    "CONFIG_NAME", "WEIGHTS_NAME", "IMAGENET_PRETRAINED_CFG", "pretrained_cfg_for",
     "public_meta", "build_config", "build_model", "write_pretrained", "add_facts", "save_pretrained",
     "read_pretrained_dir", "load_pretrained_dir",
 ]
 
 CONFIG_NAME = "config.json"
-# A training run folder: what `mocohub train` writes and `from_pretrained(RUN_DIR)` reads.
-RUN_CHECKPOINT = "checkpoint.pth.tar"
-RUN_EXPORT = "backbone"
 WEIGHTS_NAME = "model.safetensors"
 
 # The official linear evaluation: Resize(256) + CenterCrop(224), bilinear.
