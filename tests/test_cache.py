@@ -113,3 +113,20 @@ def test_images_from_file_objects_keep_their_names(tmp_path):
     cache, line = open_cache(names, "on", open_image=lambda i: io.BytesIO(blobs[i]))
     assert cache.failed == ["shard-0.tar/broken.png"] and line.startswith("image cache on")
     assert torch.equal(cache[2], torch.from_numpy(np.array(Image.open(files[2]))).permute(2, 0, 1))
+
+
+def _read_in_child(cache, index: int, out: str) -> None:
+    torch.save(cache[index].clone(), out)
+
+
+def test_a_node_shared_cache_reaches_a_spawned_loader_worker_after_its_name_is_gone(tmp_path):
+    from mocohub.data.cache import ImageCache
+    paths = _images(tmp_path)
+    file = os.path.join(cache_module.SHM_DIR, f"mocohub-test-{os.getpid()}")
+    cache = ImageCache(paths, 1 << 20, file=file)
+    os.unlink(file)  # as open_cache does once every local process has mapped it
+    child = mp.get_context("spawn").Process(target=_read_in_child, args=(cache, 4, str(tmp_path / "out")))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    assert torch.equal(torch.load(tmp_path / "out"), cache[4])

@@ -14,7 +14,9 @@ rank 0 fills a named file there, the others map it.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+from multiprocessing.reduction import DupFd
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Callable, Sequence
 
@@ -134,6 +136,7 @@ class ImageCache:
                                f"cache budget of {budget / 2**20:.0f} MiB: use cache_images='off' to stream "
                                "them from disk, or raise cache_budget")
         offsets = torch.cumsum(sizes, 0) - sizes
+        self._fd = None
         if file is None:
             self.index = torch.zeros(len(paths), 3, dtype=torch.int64).share_memory_()
             self.data = torch.empty(total, dtype=torch.uint8).share_memory_()
@@ -146,9 +149,17 @@ class ImageCache:
                 self.index[i, 1:] = torch.tensor(shape)
 
     def _map(self, file: str, total: int) -> None:
-        """Index and pixels as views of one shared mapping of ``file`` (created at that size if new)."""
+        """Index and pixels as views of one shared mapping of ``file``, created at that size."""
+        fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.ftruncate(fd, len(self.paths) * 3 * 8 + total)
+        self._view(fd)
+
+    def _view(self, fd: int) -> None:
+        """Map the open file ``fd`` (kept, so a spawned loader worker can receive it after the
+        name is gone; forked ones share the mapping as it is)."""
+        self._fd = fd
+        buffer = torch.frombuffer(mmap.mmap(fd, os.fstat(fd).st_size), dtype=torch.uint8)
         head = len(self.paths) * 3 * 8
-        buffer = torch.from_file(file, shared=True, size=head + total, dtype=torch.uint8)
         self.index = buffer[:head].view(torch.int64).view(len(self.paths), 3)
         self.data = buffer[head:]
 
@@ -157,8 +168,20 @@ class ImageCache:
         """The cache another process decoded into ``file``."""
         cache = cls.__new__(cls)
         cache.paths = paths
-        cache._map(file, os.path.getsize(file) - len(paths) * 3 * 8)
+        cache._view(os.open(file, os.O_RDWR))
         return cache
+
+    def __getstate__(self) -> dict:
+        if self._fd is None:  # torch's shared tensors pickle as handles themselves
+            return self.__dict__
+        return {"paths": self.paths, "fd": DupFd(self._fd)}  # the file's descriptor, passed to the process
+
+    def __setstate__(self, state: dict) -> None:
+        if "fd" in state:
+            self.paths = state["paths"]
+            self._view(state["fd"].detach())
+        else:
+            self.__dict__.update(state)
 
     def _decode(self, image: str | IO[bytes], offset: int, size: int) -> tuple[int, int]:
         """Decode an image into its slot; (height, width), or (0, 0) when it cannot be decoded."""
