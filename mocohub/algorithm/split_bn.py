@@ -67,9 +67,9 @@ class SplitBatchNorm(nn.BatchNorm2d):
             raise ValueError(f"batch of {x.shape[0]} cannot be split into {self.num_splits} BN groups; "
                              "choose a batch size divisible by the number of BN splits")
         if x.is_cuda and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            # Only a GPU can tell this path's speed against the copies (benchmarks/gpu_check.sh); on the
-            # CPU oneDNN's fused NCHW kernels with both copies measured faster (175 against 294 ms for a
-            # 256 x 64 x 32 x 32 layer in bf16, forward + backward), so the CPU keeps them.
+            # Only a GPU can tell this path's speed against the copies (benchmarks/gpu_check.sh times
+            # both); on the CPU oneDNN's fused NCHW kernel with both copies measured 2-2.6x faster (a
+            # 256 x 64 x 32 x 32 bf16 layer, 8 groups, forward + backward), so the CPU keeps them.
             return self._forward_in_place(x)
         return self._forward_regrouped(x)
 
