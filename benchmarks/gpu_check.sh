@@ -8,10 +8,10 @@
 #      SyncBatchNorm + DDP step, the sharded kNN monitor (gpu_checks.py --nccl),
 #   3. bench_step and bench_augment on the GPU,
 #   4. a full CIFAR-10 run of the `cifar` recipe (50,000 training JPEGs, kNN on the 10,000 test
-#      images) for as many epochs as fit in TRAIN_SECONDS (default 240 s, so the whole script fits 10 min).
+#      images) for as many epochs as fit in TRAIN_SECONDS (default 200 s, so the whole script fits 10 min).
 #   5. with --ablation: the momentum study at full CIFAR-10 size, m 0.99 against m 0 (the cheapest telling
 #      one; benchmarks/ablations.py), 2 seeds each, for as many epochs as fit in ABLATION_SECONDS (default
-#      160 s; TRAIN_SECONDS then defaults to 100 s, so the script still fits 10 min).
+#      130 s; TRAIN_SECONDS then defaults to 70 s, so the script still fits 10 min).
 # Nothing is installed: a stock image's torch, torchvision and timm bring every dependency (pillow,
 # numpy, safetensors, huggingface_hub, tqdm); mocohub runs from this checkout (PYTHONPATH), no pip.
 # Results go to $OUT (or ./gpu-check-out). CIFAR-10 is read from $CIFAR_TAR, else
@@ -34,8 +34,8 @@ for arg in "$@"; do
     *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run] [--ablation]" >&2; exit 2 ;;
   esac
 done
-if [ $ABLATION = 1 ]; then TRAIN_SECONDS=${TRAIN_SECONDS:-100}; else TRAIN_SECONDS=${TRAIN_SECONDS:-240}; fi
-ABLATION_SECONDS=${ABLATION_SECONDS:-160}
+if [ $ABLATION = 1 ]; then TRAIN_SECONDS=${TRAIN_SECONDS:-70}; else TRAIN_SECONDS=${TRAIN_SECONDS:-200}; fi
+ABLATION_SECONDS=${ABLATION_SECONDS:-130}
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 status=0
 
