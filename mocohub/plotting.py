@@ -5,16 +5,17 @@ own, never through pyplot, so plotting from a training loop or a notebook change
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from .errors import MocohubError
 from .fileio import atomic_write
 from .jsonlog import read_jsonl
 from .run_folder import CURVES, METRICS, STEPS, RunFolder
 
-__all__ = ["CURVES_NAME", "PLOT_INSTALL", "RunCurves", "read_run", "plot_runs", "write_curves"]
+__all__ = ["CURVES_NAME", "PLOT_INSTALL", "RunCurves", "read_run", "plot_runs", "plot_groups", "write_curves"]
 
 CURVES_NAME = CURVES  # the name other modules import
 PLOT_INSTALL = "pip install 'mocohub[plot]' (or pip install matplotlib)"
@@ -78,16 +79,22 @@ def _series(run: RunCurves, key: str, by_step: bool) -> tuple[list[float], list[
     return xs, [r[key] for r in rows], True
 
 
-def _figure(runs: Sequence[RunCurves]):
+def _new_figure(width: float, height: float):
+    """A figure on an Agg canvas of its own (no pyplot state)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise MocohubError(f"plotting needs matplotlib: {PLOT_INSTALL}", exit_code=1) from None
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _figure(runs: Sequence[RunCurves]):
     # Steps on x only while some run has not finished an epoch (its steps/epoch is unknown).
     by_step = any(run.steps and run.steps_per_epoch is None for run in runs)
-    fig = Figure(figsize=(11, 7.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _new_figure(11, 7.5)
     axes = fig.subplots(2, 2, sharex=True)
     colours = [f"C{i % 10}" for i in range(len(runs))]
     for ax, (key, title, ylabel) in zip(axes.flat, _PANELS):
@@ -119,8 +126,7 @@ def _figure(runs: Sequence[RunCurves]):
     return fig
 
 
-def _save(runs: Sequence[RunCurves], out_png: str | os.PathLike) -> Path:
-    fig = _figure(runs)
+def _save(fig, out_png: str | os.PathLike) -> Path:
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
@@ -131,7 +137,7 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_png: str | os.PathLike)
     if not run_dirs:
         raise MocohubError("no run folder given")
     paths = [Path(p) for p in run_dirs]
-    return _save([read_run(p, name) for p, name in zip(paths, _labels(paths))], out_png)
+    return _save(_figure([read_run(p, name) for p, name in zip(paths, _labels(paths))]), out_png)
 
 
 def write_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None) -> Path | None:
@@ -145,4 +151,50 @@ def write_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike | None =
         run = read_run(run_dir)
     except MocohubError:  # nothing logged yet
         return None
-    return _save([run], out_png or RunFolder(run_dir).curves)
+    return _save(_figure([run]), out_png or RunFolder(run_dir).curves)
+
+
+def _spread(runs: Sequence[Sequence[Mapping[str, Any]]], key: str) -> tuple[list[int], list[list[float]]]:
+    """Per epoch (counted from 1) the finite values of ``key`` over ``runs`` (their epoch rows)."""
+    by_epoch: dict[int, list[float]] = {}
+    for rows in runs:
+        for row in rows:
+            value = row.get(key)
+            if value is not None and math.isfinite(value):
+                by_epoch.setdefault(row["epoch"] + 1, []).append(value)
+    epochs = sorted(by_epoch)
+    return epochs, [by_epoch[e] for e in epochs]
+
+
+def plot_groups(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], out_png: str | os.PathLike, *,
+                title: str, keys: Sequence[str] = ("knn_top1", "acc1"), chance: float | None = None) -> Path:
+    """Runs in groups (a setting's seeds, say), each run as its metrics.jsonl rows: one panel per key,
+    per group the mean over its runs at each epoch with their min..max shaded; ``chance`` (a top-1 %)
+    as a dashed line on the kNN panel."""
+    titles = {key: (title_, ylabel) for key, title_, ylabel in _PANELS}
+    fig = _new_figure(5.5 * len(keys), 4.6)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        for i, (name, runs) in enumerate(groups.items()):
+            epochs, values = _spread(runs, key)
+            if not epochs:
+                continue
+            colour = f"C{i % 10}"
+            ax.plot(epochs, [sum(v) / len(v) for v in values], color=colour, marker="o", markersize=3.5,
+                    linewidth=1.5, label=f"{name} ({len(runs)} run{'s' * (len(runs) != 1)})")
+            ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.18,
+                            linewidth=0)
+        if key == "knn_top1" and chance is not None:
+            ax.axhline(chance, color="0.5", linestyle="--", linewidth=1)
+            ax.annotate(f"chance ({chance:.0f} %)", (0.01, chance), xycoords=("axes fraction", "data"),
+                        xytext=(0, 3), textcoords="offset points", color="0.4", fontsize=8)
+        ax.set_title(titles[key][0], fontsize=11)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(titles[key][1])
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="outside lower center", ncols=min(4, len(handles)), frameon=False)
+    fig.suptitle(title, fontsize=12)
+    return _save(fig, out_png)

@@ -1,74 +1,128 @@
-"""benchmarks/ablations.py: a real (tiny) study end to end, its resume, and its data preparation."""
-import importlib.util
+"""benchmarks/ablations.py: a real (tiny) study through `mocohub train`, its resume and skip, the
+report rebuilt from the committed results, and the data preparation."""
+import importlib
 import io
 import json
 import math
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from mocohub.data.synthetic import make_dataset
+from mocohub.jsonlog import read_jsonl
+from mocohub.run_folder import RunFolder
+from mocohub.training.record import read_record
 
 pytest.importorskip("matplotlib")  # the study's plot (the plot extra, pulled by the test extra)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablations.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("ablations", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def ablations(monkeypatch):
+    """The script's modules, imported as the script imports them (from benchmarks/)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("ablations")
 
 
-def test_queue_study_runs_reports_and_skips_finished_runs_on_rerun(tmp_path, capsys):
+def _rows(study: Path) -> list[dict]:
+    return read_jsonl(study / "results.jsonl")
+
+
+def _png(path: Path) -> None:
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    from PIL import Image
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 600 and image.height > 300
+
+
+def test_a_study_runs_resumes_unfinished_runs_skips_recorded_ones_and_refuses_changed_settings(
+        tmp_path, capsys, monkeypatch, ablations):
+    """Each run is a real `python -m mocohub train` process (4 in all: the test's time)."""
     make_dataset(tmp_path / "src", train_per_class=4, val_per_class=2, size=8)  # train/ + val/, 10 classes
     out = tmp_path / "out"
     argv = ["queue", "--size", "smoke", "--data", str(tmp_path / "src"), "--out", str(out), "--settings", "k16"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), *argv], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the trainer processes' threads
+    assert ablations.main([*argv, "--epochs", "1"]) == 0  # 1 epoch first, as a time budget allows
     study = out / "queue"
-    rows = [json.loads(line) for line in (study / "results.jsonl").read_text().splitlines()]
-    settings = ["k16"]  # one of the smoke size's queue sizes (k8, k16), two seeds: a spread to shade
-    assert sorted((r["setting"], r["seed"]) for r in rows) == sorted((s, seed) for s in settings for seed in (0, 1))
+    assert [(r["setting"], r["seed"], r["epochs_done"], r["resumed"]) for r in _rows(study)] == \
+        [("k16", 0, 1, False), ("k16", 1, 1, False)]
+
+    # the size's 2 epochs: the epochs may change (the trainer's rule), so each run resumes from its
+    # checkpoint and its row is replaced, not added
+    assert ablations.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("resumed from") == 2
+    rows = _rows(study)
+    assert [(r["setting"], r["seed"]) for r in rows] == [("k16", 0), ("k16", 1)]
     for r in rows:
-        assert r["status"] == "done" and r["epochs_done"] == r["epochs"] == 2
+        run = RunFolder(r["run_dir"])
+        record = read_record(run.record)
+        assert r["status"] == "done" and r["resumed"] and r["epochs_done"] == r["epochs"] == 2
+        assert r["curves"]["epoch"] == [0, 1] and [m["epoch"] for m in read_jsonl(run.metrics)] == [0, 1]
         assert math.isfinite(r["final_knn_top1"]) and all(math.isfinite(v) for v in r["curves"]["knn_top1"])
-        assert math.isfinite(r["final_acc1"]) and len(r["curves"]["acc1"]) == 2
-        assert r["flags"]["--moco-k"] == r["setting"][1:] and r["flags"]["--seed"] == str(r["seed"])
-        assert r["precision"] in ("fp32", "bf16") and r["cpu_capability"]
+        assert r["final_acc1"] == read_jsonl(run.metrics)[-1]["acc1"]
+        assert r["flags"]["--moco-k"] == "16" and r["flags"]["--seed"] == str(r["seed"])
+        assert r["precision"] == record["precision"] in ("fp32", "bf16")  # from run.json, not the lines
+        assert r["memory_format"] == record["memory_format"] and r["cpu_capability"]
+        assert r["wall_seconds"] > r["train_seconds"] > 0
     table = (study / "queue.md").read_text()
-    for s in settings:
-        assert f"| {s} | `--moco-k {s[1:]}` |" in table
-    png = (study / "queue.png").read_bytes()
-    assert png.startswith(PNG_MAGIC)
-    from PIL import Image
-    with Image.open(study / "queue.png") as image:
-        assert image.format == "PNG" and image.width > 600 and image.height > 300
+    assert "| k16 | `--moco-k 16` |" in table and "| 2/2 |" in table
+    _png(study / "queue.png")
 
     # the same command again: every run is skipped, nothing is trained or rewritten
     logs = {p: p.read_bytes() for p in study.glob("runs/*/ablation.log")}
     metrics = {p: p.stat().st_mtime_ns for p in study.glob("runs/*/metrics.jsonl")}
     assert len(logs) == len(metrics) == 2
-    assert _module().main(argv) == 0
+    assert ablations.main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count(": skipped (done") == 2 and "training (" not in printed
     assert {p: p.read_bytes() for p in study.glob("runs/*/ablation.log")} == logs
     assert {p: p.stat().st_mtime_ns for p in study.glob("runs/*/metrics.jsonl")} == metrics
-    assert len((study / "results.jsonl").read_text().splitlines()) == 2
+    assert len(_rows(study)) == 2
+
+    # a recorded run whose settings changed in a way the trainer refuses to resume: refused, exit 2
+    lines = (study / "results.jsonl").read_text().replace('"--moco-k": "16"', '"--moco-k": "8"')
+    (study / "results.jsonl").write_text(lines)
+    assert ablations.main(argv) == 2
+    assert "moco_k: 8 -> 16" in capsys.readouterr().err
 
 
-def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, capsys):
+def test_the_report_is_rebuilt_from_the_committed_results_without_training(tmp_path, ablations):
+    """benchmarks/ablations-cpu/<study>.jsonl (rows of the earlier code) give the committed tables."""
+    from ablation_report import plot_study, write_report
+    from ablation_studies import SIZES, STUDIES, plan
+    size = SIZES["cpu"]
+    base = size.base_flags()
+    for name, study in STUDIES.items():
+        rows = read_jsonl(BENCH / "ablations-cpu" / f"{name}.jsonl")
+        settings, notes = plan(study, size, base)
+        assert len(rows) == 2 * len(settings)
+        md = write_report(tmp_path / f"{name}.md", rows, study=name, claim=study.claim, settings=settings,
+                          notes=notes, size="cpu", base=base, n_train=5000, n_val=1000, seeds=2)
+        assert md.read_text() == (BENCH / "ablations-cpu" / f"{name}.md").read_text()
+    _png(plot_study(tmp_path / "momentum.png", read_jsonl(BENCH / "ablations-cpu" / "momentum.jsonl"),
+                    study="momentum", settings=plan(STUDIES["momentum"], size, base)[0], size="cpu", seeds=2,
+                    classes=10))
+
+
+def test_a_setting_the_trainer_refuses_is_dropped_with_its_reason(ablations):
+    from ablation_studies import SIZES, STUDIES, plan
+    size = SIZES["smoke"]
+    odd = {**size.sweeps, "--moco-k": (12, 16)}  # 12: no multiple of the batch 8
+    settings, notes = plan(STUDIES["queue"], size.__class__(**{**vars(size), "sweeps": odd}), size.base_flags())
+    assert [s.name for s in settings] == ["k16"]
+    assert notes == ["k12 dropped: --moco-k 12 must be divisible by the global batch size 8 (the queue advances "
+                     "by the keys of a whole step)"]
+    settings, notes = plan(STUDIES["shuffle-bn"], size, size.base_flags())  # batch 8: one BN group
+    assert len(settings) == 2 and notes[0].startswith("shuffle-bn: 1 BN group(s) of 8 images, not 8")
+
+
+def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, capsys, ablations):
     make_dataset(tmp_path / "src", train_per_class=2, val_per_class=1, size=8)
-    assert _module().main(["all", "--size", "smoke", "--data", str(tmp_path / "src"),
+    assert ablations.main(["all", "--size", "smoke", "--data", str(tmp_path / "src"),
                            "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert printed.count(" -m mocohub train ") == 2 * (4 + 2 + 2 + 4 + 2)  # seeds x the five studies' settings
@@ -77,34 +131,36 @@ def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_budgeted_run_takes_chosen_settings_and_epochs(tmp_path, capsys):
+def test_a_budgeted_run_takes_chosen_settings_and_epochs(tmp_path, capsys, ablations):
     """gpu_check.sh --ablation: m 0 against 0.99 only, for the epochs its time budget allows."""
     make_dataset(tmp_path / "src", train_per_class=2, val_per_class=1, size=8)
-    common = ["momentum", "--size", "smoke", "--data", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--dry-run"]
-    assert _module().main([*common, "--settings", "m0,m0.99", "--epochs", "3"]) == 0
+    common = ["momentum", "--size", "smoke", "--data", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+              "--dry-run"]
+    assert ablations.main([*common, "--settings", "m0,m0.99", "--epochs", "3"]) == 0
     commands = [line for line in capsys.readouterr().out.splitlines() if " -m mocohub train " in line]
     assert len(commands) == 4 and all("--epochs 3 " in c for c in commands)
     assert sorted(c.split("--moco-m ")[1].split()[0] for c in commands) == ["0", "0", "0.99", "0.99"]
-    with pytest.raises(SystemExit, match="no setting m0.5; its settings: m0, m0.9, m0.99, m0.999"):
-        _module().main([*common, "--settings", "m0,m0.5"])
+    assert ablations.main([*common, "--settings", "m0,m0.5"]) == 2
+    assert "no setting m0.5; its settings: m0, m0.9, m0.99, m0.999" in capsys.readouterr().err
 
 
-def test_a_larger_folder_is_cut_to_the_first_names_per_class_and_test_is_the_val_split(tmp_path):
-    module = _module()
+def test_a_larger_folder_is_cut_to_the_first_names_per_class_and_test_is_the_val_split(tmp_path, ablations):
+    from ablation_data import prepare_data
+    from mocohub.errors import MocohubError
     make_dataset(tmp_path / "src", train_per_class=10, val_per_class=3, size=8)
     (tmp_path / "src" / "val").rename(tmp_path / "src" / "test")
-    size = dict(module.SIZES["smoke"])  # 8 training and 2 val images per class
-    train, val, n = module.prepare_data(tmp_path / "src", tmp_path / "out", size, dry_run=False)
-    assert (train, val, n) == (tmp_path / "out" / "data" / "train", tmp_path / "out" / "data" / "val", 80)
+    images = prepare_data(tmp_path / "src", tmp_path / "out", (8, 2))
+    train, val = tmp_path / "out" / "data" / "train", tmp_path / "out" / "data" / "val"
+    assert images == (train, val, 80, 20, 10)
     assert sorted(p.name for p in (train / "circle").iterdir()) == [f"circle_{i:05d}.png" for i in range(8)]
     assert sorted(p.name for p in (val / "circle").iterdir()) == ["circle_00000.png", "circle_00001.png"]
-    assert module.prepare_data(tmp_path / "src", tmp_path / "out", size, dry_run=False)[2] == 80  # made once
-    with pytest.raises(SystemExit, match="another subset"):
-        module.prepare_data(tmp_path / "src", tmp_path / "out", {**size, "train_per_class": 9}, dry_run=False)
+    assert prepare_data(tmp_path / "src", tmp_path / "out", (8, 2)).n_train == 80  # made once
+    with pytest.raises(MocohubError, match="another subset"):
+        prepare_data(tmp_path / "src", tmp_path / "out", (9, 2))
 
 
-def test_the_archive_is_streamed_into_a_per_class_subset(tmp_path):
-    module = _module()
+def test_the_archive_is_streamed_into_a_per_class_subset(tmp_path, ablations):
+    from ablation_data import prepare_data
     archive = tmp_path / "cifar10-jpg.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for split, count in (("train", 5), ("test", 3)):
@@ -117,12 +173,11 @@ def test_the_archive_is_streamed_into_a_per_class_subset(tmp_path):
         info = tarfile.TarInfo("../escape.jpg")  # never written outside the destination
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
-    size = {**module.SIZES["smoke"], "train_per_class": 2, "val_per_class": 1}
-    train, val, n = module.prepare_data(archive, tmp_path / "out", size, dry_run=False)
-    assert n == 4 and sorted(p.name for p in (train / "dog").iterdir()) == ["0000.jpg", "0001.jpg"]
+    train, val, n, n_val, classes = prepare_data(archive, tmp_path / "out", (2, 1))
+    assert (n, n_val, classes) == (4, 2, 2)
+    assert sorted(p.name for p in (train / "dog").iterdir()) == ["0000.jpg", "0001.jpg"]
     assert (train / "dog" / "0001.jpg").read_bytes() == b"train/dog/1"
     assert [p.name for p in (val / "cat").iterdir()] == ["0000.jpg"]
     assert not (tmp_path / "escape.jpg").exists() and not (tmp_path / "out" / "data" / ".partial").exists()
-    full = {**size, "train_per_class": None, "val_per_class": None}
-    train, val, n = module.prepare_data(archive, tmp_path / "full", full, dry_run=False)
-    assert n == 10 and len(list((val / "dog").iterdir())) == 3
+    train, val, n, n_val, _ = prepare_data(archive, tmp_path / "full", (None, None))
+    assert (n, n_val) == (10, 6) and len(list((val / "dog").iterdir())) == 3
