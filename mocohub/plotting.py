@@ -171,20 +171,24 @@ def plot_groups(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], out
     """Runs in groups (a setting's seeds, say), each run as its metrics.jsonl rows: one panel per key,
     per group the mean over its runs at each epoch with their min..max shaded; ``chance`` (a top-1 %)
     as a dashed line on the kNN panel."""
-    titles = {key: (title_, ylabel) for key, title_, ylabel in _PANELS}
+    titles = {key: (heading, ylabel) for key, heading, ylabel in _PANELS}
     fig = _new_figure(5.5 * len(keys), 4.6)
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys):
+        drawn = False
         for i, (name, runs) in enumerate(groups.items()):
             epochs, values = _spread(runs, key)
             if not epochs:
                 continue
+            drawn = True
             colour = f"C{i % 10}"
             ax.plot(epochs, [sum(v) / len(v) for v in values], color=colour, marker="o", markersize=3.5,
                     linewidth=1.5, label=f"{name} ({len(runs)} run{'s' * (len(runs) != 1)})")
             ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.18,
                             linewidth=0)
-        if key == "knn_top1" and chance is not None:
+        if not drawn:
+            ax.text(0.5, 0.5, "no epoch logged", ha="center", va="center", transform=ax.transAxes, color="0.4")
+        elif key == "knn_top1" and chance is not None:
             ax.axhline(chance, color="0.5", linestyle="--", linewidth=1)
             ax.annotate(f"chance ({chance:.0f} %)", (0.01, chance), xycoords=("axes fraction", "data"),
                         xytext=(0, 3), textcoords="offset points", color="0.4", fontsize=8)
