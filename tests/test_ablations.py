@@ -90,6 +90,30 @@ def test_a_study_runs_resumes_unfinished_runs_skips_recorded_ones_and_refuses_ch
     assert "moco_k: 8 -> 16" in capsys.readouterr().err
 
 
+def test_a_diverged_run_is_recorded_as_diverged_and_not_retried(tmp_path, capsys, monkeypatch, ablations):
+    """A real `mocohub train` whose loss becomes nan (lr 1e30): its exit code, as the package's divergence
+    error carries it, makes the row 'diverged'; the rerun skips it. One seed (run_study directly): one
+    process, the test's time."""
+    import argparse
+    import dataclasses
+    from ablation_data import prepare_data
+    from ablation_studies import SIZES
+    monkeypatch.setitem(SIZES, "smoke", dataclasses.replace(SIZES["smoke"], lr=1e30))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    make_dataset(tmp_path / "src", train_per_class=4, val_per_class=2, size=8)
+    args = argparse.Namespace(size="smoke", out=tmp_path / "out", seeds=1, dry_run=False, settings=["m0.99"],
+                              epochs=None)
+    images = prepare_data(tmp_path / "src", args.out, (8, 2))
+    ablations.run_study("momentum", args, images, {})
+    [row] = _rows(args.out / "momentum")
+    assert row["status"] == "diverged" and row["epochs_done"] == 0 and row["final_knn_top1"] is None
+    assert row["error"].startswith("mocohub train: error: the loss became nan")
+    assert "| m0.99 | `--moco-m 0.99` | n/a | n/a |" in (args.out / "momentum" / "momentum.md").read_text()
+    capsys.readouterr()
+    ablations.run_study("momentum", args, images, {})
+    assert ": skipped (diverged: after 0 epochs" in capsys.readouterr().out and len(_rows(args.out / "momentum")) == 1
+
+
 def test_the_report_is_rebuilt_from_the_committed_results_without_training(tmp_path, ablations):
     """benchmarks/ablations-cpu/<study>.jsonl (rows of the earlier code) give the committed tables."""
     from ablation_report import plot_study, write_report
