@@ -1,5 +1,6 @@
 """The image cache's budget and plan from the shared-memory file system's free space (faked
 statvfs in tables), a real small cache, and one copy per node shared by two real processes."""
+import io
 import os
 import socket
 from pathlib import Path
@@ -106,7 +107,6 @@ def test_the_processes_of_a_node_share_one_decoded_copy(tmp_path):
 
 def test_images_from_file_objects_keep_their_names(tmp_path):
     """``open_image``: what a shard reader passes (each member's bytes), with paths that name them."""
-    import io
     files = _images(tmp_path)
     names = [f"shard-0.tar/{i}.png" for i in range(len(files))] + ["shard-0.tar/broken.png"]
     blobs = [Path(f).read_bytes() for f in files] + [b"not a png"]
@@ -130,3 +130,77 @@ def test_a_node_shared_cache_reaches_a_spawned_loader_worker_after_its_name_is_g
     child.join()
     assert child.exitcode == 0
     assert torch.equal(torch.load(tmp_path / "out"), cache[4])
+
+
+def _jpeg(path: Path, mode: str = "RGB", size=(33, 17), **save) -> str:
+    """A photo-like JPEG (smooth colour ramps plus noise) written with PIL's options ``save``."""
+    rng = np.random.default_rng(len(str(path)))
+    ramp = np.linspace(0, 255, size[0] * size[1] * 3).reshape(size[1], size[0], 3)
+    pixels = (ramp + rng.normal(0, 20, ramp.shape)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path, "JPEG", **save)
+    return str(path)
+
+
+def _decoded_set(tmp_path: Path) -> tuple[list[str], set[int]]:
+    """Every kind of file the cache meets, and the indices of the RGB JPEGs (libjpeg called directly)."""
+    rgb = [_jpeg(tmp_path / "a.jpg"), _jpeg(tmp_path / "b.jpg", subsampling=0, quality=95),
+           _jpeg(tmp_path / "c.jpg", progressive=True), _jpeg(tmp_path / "d.jpg", optimize=True, size=(1, 1)),
+           _jpeg(tmp_path / "e.jpg", exif=Image.Exif().tobytes() + b"\0" * 64, icc_profile=b"\0" * 300),
+           _jpeg(tmp_path / "f.jpg", size=(320, 240))]
+    others = [_jpeg(tmp_path / "grey.jpg", "L"), _jpeg(tmp_path / "cmyk.jpg", "CMYK")]
+    Image.new("RGBA", (9, 5), (1, 2, 3, 4)).save(tmp_path / "g.png")
+    Image.new("P", (4, 6), 7).save(tmp_path / "png-named.jpg", "PNG")
+    others += [str(tmp_path / "g.png"), str(tmp_path / "png-named.jpg")]
+    good = Path(rgb[5]).read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(good[:len(good) // 2])
+    (tmp_path / "corrupt.jpg").write_bytes(good[:200] + bytes(range(256)) * 4)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    broken = [str(tmp_path / n) for n in ("truncated.jpg", "corrupt.jpg", "empty.jpg", "missing.jpg")]
+    paths = (rgb + others + broken) * 3
+    return paths, {i for i, p in enumerate(paths) if p in rgb}
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_cache_decodes_the_pixels_of_pil_in_threads(tmp_path, monkeypatch, keep):
+    """RGB JPEGs are decoded by libjpeg directly (load_rgb is not called for them), by 4 threads
+    over chunks of 3 images, with the encoded files kept between the passes or read again: each
+    image holds the pixels load_rgb gives, and what PIL cannot decode is failed."""
+    from mocohub.data import decode
+    from mocohub.data.convert import load_rgb
+    paths, direct = _decoded_set(tmp_path)
+    expected = []
+    for path in paths:
+        try:
+            expected.append(torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1))
+        except (OSError, ValueError):
+            expected.append(None)
+    opened = []
+    monkeypatch.setattr(decode, "load_rgb", lambda image: opened.append(image) or load_rgb(image))
+    monkeypatch.setattr(cache_module, "DECODE_THREADS", 4)
+    monkeypatch.setattr(cache_module, "CHUNK", 3)
+    monkeypatch.setattr(cache_module, "KEEP_ENCODED", 1 << 30 if keep else 0)
+    cache = cache_module.ImageCache(paths, 1 << 24)
+    assert cache.failed == [p for p, e in zip(paths, expected) if e is None]
+    assert len(cache.failed) == 4 * 3
+    for i, image in enumerate(expected):
+        if image is not None:
+            assert torch.equal(cache[i], image), paths[i]
+    assert len(opened) == len(paths) - len(direct) - 3 * 2  # not the RGB JPEGs (nor the empty and missing files)
+
+
+def test_jpeg_size_reads_the_frame_header_of_rgb_jpegs_only(tmp_path):
+    """The frame header after APP markers and fill bytes; None wherever PIL's plugin decides."""
+    from mocohub.data.decode import jpeg_size
+    data = Path(_jpeg(tmp_path / "a.jpg", size=(300, 7), exif=Image.Exif().tobytes())).read_bytes()
+    assert jpeg_size(data) == (300, 7)
+    assert jpeg_size(data[:2] + b"\xff\xff\xff" + data[2:]) == (300, 7)  # fill bytes before a marker
+    assert jpeg_size(Path(_jpeg(tmp_path / "g.jpg", "L")).read_bytes()) is None  # one component
+    assert jpeg_size(Path(_jpeg(tmp_path / "c.jpg", "CMYK")).read_bytes()) is None  # four
+    sof = data.index(b"\xff\xc0")
+    assert jpeg_size(data[:sof + 4] + b"\x0c" + data[sof + 5:]) is None  # 12-bit samples
+    assert jpeg_size(data[:sof]) is None  # cut before the frame
+    unknown = data[:2] + b"\xff\x02\x00\x04\x00\x00" + data[2:]  # a marker PIL's plugin refuses
+    assert jpeg_size(unknown) is None
+    with pytest.raises(Exception):
+        Image.open(io.BytesIO(unknown))
+    assert jpeg_size(b"\x89PNG\r\n\x1a\n" + data) is None

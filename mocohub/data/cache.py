@@ -20,12 +20,11 @@ from multiprocessing.reduction import DupFd
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Callable, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import MocohubError
-from .convert import DECODE_ERRORS, load_rgb
+from .convert import DECODE_ERRORS
+from .decode import decode_rgb, header_size, read_bytes
 
 __all__ = ["CACHE_CHOICES", "SHM_DIR", "ImageCache", "available_memory", "shm_free_bytes", "local_processes",
            "cache_budget", "cache_plan", "open_cache", "estimate_decoded_bytes"]
@@ -34,6 +33,8 @@ CACHE_CHOICES = ("auto", "on", "off")
 MAX_CACHE_BYTES = 2 << 30
 HEADER_SAMPLE = 64
 DECODE_THREADS = min(8, os.cpu_count() or 1)  # PIL decodes without holding the GIL
+CHUNK = 256  # images per task of the decoding threads: a task's overhead spread, the threads kept busy
+KEEP_ENCODED = 512 << 20  # encoded bytes held from the sizes' pass for the decode; the rest is read again
 SHM_DIR = "/dev/shm"  # where torch's shared CPU tensors live (shm_open)
 
 
@@ -96,14 +97,20 @@ def cache_plan(decoded: int, copies: int, shm_free: int, memory: int) -> tuple[b
 Source = Callable[[int], "str | IO[bytes]"]  # what PIL opens for image i: a path or a file object
 
 
-def _rgb_bytes(path: str | IO[bytes]) -> int:
-    """Decoded RGB size from the header alone (PIL opens lazily); 0 when unreadable."""
+def _read(image: str | IO[bytes]) -> bytes | None:
+    """The encoded image; None when it cannot be read (the decode reports it as failed)."""
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-        return width * height * 3
-    except Exception:  # noqa: BLE001 - any unreadable header: the decode will report it
+        return read_bytes(image)
+    except OSError:
+        return None
+
+
+def _rgb_bytes(data: bytes | None) -> int:
+    """Decoded RGB size from the header alone; 0 when unreadable."""
+    if data is None:
         return 0
+    width, height = header_size(data)
+    return width * height * 3
 
 
 def estimate_decoded_bytes(paths: Sequence[str], sample: int = HEADER_SAMPLE, *,
@@ -111,7 +118,7 @@ def estimate_decoded_bytes(paths: Sequence[str], sample: int = HEADER_SAMPLE, *,
     """Decoded size of all images, from the headers of up to ``sample`` evenly spaced ones."""
     step = max(1, len(paths) // sample)
     source = open_image or paths.__getitem__
-    sizes = [_rgb_bytes(source(i)) for i in range(0, len(paths), step)[:sample]]
+    sizes = [_rgb_bytes(_read(source(i))) for i in range(0, len(paths), step)[:sample]]
     return int(sum(sizes) / len(sizes) * len(paths))
 
 
@@ -129,24 +136,41 @@ class ImageCache:
                  open_image: Source | None = None):
         self.paths = paths
         source = open_image or paths.__getitem__
-        sizes = torch.tensor([_rgb_bytes(source(i)) for i in range(len(paths))], dtype=torch.int64)
-        total = int(sizes.sum())
-        if total > budget:
-            raise MocohubError(f"the {len(paths)} decoded images need {total / 2**20:.0f} MiB, over the image "
-                               f"cache budget of {budget / 2**20:.0f} MiB: use cache_images='off' to stream "
-                               "them from disk, or raise cache_budget")
-        offsets = torch.cumsum(sizes, 0) - sizes
-        self._fd = None
-        if file is None:
-            self.index = torch.zeros(len(paths), 3, dtype=torch.int64).share_memory_()
-            self.data = torch.empty(total, dtype=torch.uint8).share_memory_()
-        else:
-            self._map(file, total)
-        self.index[:, 0] = offsets  # offset, height, width (0: failed)
-        with ThreadPoolExecutor(DECODE_THREADS) as pool:
-            decoded = pool.map(self._decode, map(source, range(len(paths))), offsets.tolist(), sizes.tolist())
-            for i, shape in enumerate(decoded):
-                self.index[i, 1:] = torch.tensor(shape)
+        chunks = [range(start, min(start + CHUNK, len(paths))) for start in range(0, len(paths), CHUNK)]
+
+        def headers(chunk: range) -> tuple[list[int], list[bytes | None]]:
+            encoded = [_read(source(i)) for i in chunk]
+            return [_rgb_bytes(data) for data in encoded], encoded
+
+        def decode(chunk: range, encoded: list[bytes | None] | None) -> list[tuple[int, int]]:
+            if encoded is None:  # not kept: read again
+                encoded = [_read(source(i)) for i in chunk]
+            return [_decode_into(pixels, data, *slots[i]) for i, data in zip(chunk, encoded)]
+
+        with ThreadPoolExecutor(DECODE_THREADS) as pool:  # two passes: the sizes, then the pixels in place
+            sizes, kept, held = [], [], 0
+            for part, encoded in pool.map(headers, chunks):
+                sizes += part
+                held += sum(len(data) for data in encoded if data is not None)
+                kept.append(encoded if held <= KEEP_ENCODED else None)
+            sizes = torch.tensor(sizes, dtype=torch.int64)
+            total = int(sizes.sum())
+            if total > budget:
+                raise MocohubError(f"the {len(paths)} decoded images need {total / 2**20:.0f} MiB, over the image "
+                                   f"cache budget of {budget / 2**20:.0f} MiB: use cache_images='off' to stream "
+                                   "them from disk, or raise cache_budget")
+            offsets = torch.cumsum(sizes, 0) - sizes
+            self._fd = None
+            if file is None:
+                self.index = torch.zeros(len(paths), 3, dtype=torch.int64).share_memory_()
+                self.data = torch.empty(total, dtype=torch.uint8).share_memory_()
+            else:
+                self._map(file, total)
+            self.index[:, 0] = offsets  # offset, height, width (0: failed)
+            pixels = memoryview(self.data.numpy())
+            slots = list(zip(offsets.tolist(), sizes.tolist()))
+            shapes = [shape for part in pool.map(decode, chunks, kept) for shape in part]
+            self.index[:, 1:] = torch.tensor(shapes, dtype=torch.int64).view(len(paths), 2)
 
     def _map(self, file: str, total: int) -> None:
         """Index and pixels as views of one shared mapping of ``file``, created at that size."""
@@ -183,17 +207,6 @@ class ImageCache:
         else:
             self.__dict__.update(state)
 
-    def _decode(self, image: str | IO[bytes], offset: int, size: int) -> tuple[int, int]:
-        """Decode an image into its slot; (height, width), or (0, 0) when it cannot be decoded."""
-        try:
-            array = np.asarray(load_rgb(image))
-        except DECODE_ERRORS:
-            return 0, 0
-        if array.size != size:  # the header lied
-            return 0, 0
-        self.data[offset:offset + size].numpy()[:] = array.reshape(-1)
-        return array.shape[0], array.shape[1]
-
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -206,6 +219,21 @@ class ImageCache:
         if height == 0:
             raise OSError(f"could not decode {self.paths[i]}")
         return self.data[offset:offset + height * width * 3].view(height, width, 3).permute(2, 0, 1)
+
+
+def _decode_into(pixels: memoryview, data: bytes | None, offset: int, size: int) -> tuple[int, int]:
+    """Decode an image into its slot of ``pixels``; (height, width), or (0, 0) when it cannot be
+    read or decoded (or has not the size its header said)."""
+    if data is None or size == 0:
+        return 0, 0
+    try:
+        (width, height), rgb = decode_rgb(data)
+    except DECODE_ERRORS:
+        return 0, 0
+    if len(rgb) != size:
+        return 0, 0
+    pixels[offset:offset + size] = rgb
+    return height, width
 
 
 def _node_file(paths: Sequence[str]) -> str:
