@@ -1,5 +1,5 @@
-"""SIGKILL a real `mocohub train` at seeded moments (mid-step, mid-checkpoint-write, mid-kNN), resume
-with the same command each time, and compare the end with an uninterrupted run.
+"""SIGKILL a real `mocohub train` at seeded moments (mid-step, mid-checkpoint-write, mid-kNN), or SIGTERM it
+mid-epoch, resume with the same command each time, and compare the end with an uninterrupted run.
 
     python benchmarks/fault_sweep.py [--faults 10] [--seed 0] [--epochs 5]
 
@@ -31,13 +31,15 @@ TINY = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-
         "--precision", "fp32", "--no-progress", "--log-every", "1"]
 # one thread per run: on shared cores two OpenMP threads spin against other processes (4 s a step, not 0.2)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-KINDS = ("write", "knn", "time")  # during a checkpoint write, while the epoch's kNN row is pending, at a time
+# during a checkpoint write, while the epoch's kNN row is pending, at a time; "term": SIGTERM after a step
+# that is not an epoch's last (the trainer checkpoints mid-epoch, with the epoch's sums, and exits 130)
+KINDS = ("write", "knn", "time", "term")
 STEPS_PER_EPOCH = 2  # make_data's default: 20 images in steps of 8
 
 
 @dataclass
 class Fault:
-    """When to SIGKILL: ``kind`` in KINDS; ``seconds`` after the start for "time"."""
+    """When to stop the run: ``kind`` in KINDS; ``seconds`` after the start for "time"."""
 
     kind: str
     seconds: float = 0.0
@@ -81,38 +83,48 @@ def _knn_pending(run: Path) -> bool:
     return steps > 0 and steps % STEPS_PER_EPOCH == 0 and _line_count(run / "metrics.jsonl") < steps // STEPS_PER_EPOCH
 
 
+def _link_new(ckpt: Path, last: int | None, snaps: Path) -> int | None:
+    """Hard-link ``ckpt`` into ``snaps`` if it is another inode than ``last``; its inode."""
+    try:
+        ino = ckpt.stat().st_ino
+    except FileNotFoundError:
+        return last
+    if ino != last:
+        try:
+            os.link(ckpt, snaps / f"{len(list(snaps.iterdir())):03d}.pth.tar")
+        except FileNotFoundError:  # replaced between stat and link: the next poll links its successor
+            return last
+    return ino
+
+
 def _attempt(cmd: list[str], run: Path, fault: Fault | None, snaps: Path, out: Outcome, timeout: float) -> int | None:
-    """Run ``cmd`` once; SIGKILL it when ``fault`` fires. Every checkpoint that appears is hard-linked
-    into ``snaps`` (the inode as renamed in, whatever replaces it later). Returns the exit code, or
-    None when killed."""
+    """Run ``cmd`` once; SIGKILL it (SIGTERM for "term") when ``fault`` fires. Every checkpoint that appears
+    is hard-linked into ``snaps`` (the inode as renamed in, whatever replaces it later). Returns the exit
+    code, or None when stopped."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     start, deadline = time.monotonic(), time.monotonic() + timeout
     ckpt = run / CHECKPOINT
     last = ckpt.stat().st_ino if ckpt.exists() else None
+    logged = _line_count(run / "steps.jsonl")
     try:
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{' '.join(cmd)} ran past {timeout} s")
             fire = None
-            try:
-                ino = ckpt.stat().st_ino
-            except FileNotFoundError:
-                ino = None
-            if ino is not None and ino != last:
-                last = ino
-                try:
-                    os.link(ckpt, snaps / f"{len(list(snaps.iterdir())):03d}.pth.tar")
-                except FileNotFoundError:  # replaced between stat and link: the next poll links its successor
-                    pass
+            last = _link_new(ckpt, last, snaps)
             if fault and fault.kind == "knn" and _knn_pending(run):
                 fire = "kNN / metrics row pending"
             if fault and fault.kind == "write" and any(run.glob(f".{CHECKPOINT}.*.tmp")):
                 fire = "checkpoint write"
             if fault and fault.kind == "time" and time.monotonic() - start >= fault.seconds:
                 fire = f"t={fault.seconds:.1f} s"
+            steps = _line_count(run / "steps.jsonl") if fault and fault.kind == "term" else logged
+            if steps != logged and steps % STEPS_PER_EPOCH:
+                fire = "SIGTERM mid-epoch"
             if fire:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=30)
+                proc.send_signal(signal.SIGTERM if fault.kind == "term" else signal.SIGKILL)
+                proc.wait(timeout=60)
+                _link_new(ckpt, last, snaps)  # the checkpoint a SIGTERM writes on its way out
                 if fault.kind == "knn":  # did it die with the row still pending?
                     fire += " (hit)" if _knn_pending(run) else " (missed)"
                 out.kills.append(fire)
@@ -160,17 +172,18 @@ def compare(run: Path, reference: Path) -> tuple[bool, list[str]]:
         torch.equal(mine["state_dict"][k], v) for k, v in ref["state_dict"].items())
     lost = []
     for name, index, keys in (("steps.jsonl", "step", ("loss", "acc1", "lr")),
-                              ("metrics.jsonl", "epoch", ("loss", "acc1", "knn_top1", "skipped"))):
+                              ("metrics.jsonl", "epoch", ("loss", "acc1", "lr", "knn_top1", "skipped"))):
         got, want = _rows(run / name, keys, index), _rows(reference / name, keys, index)
         lost += [f"{name} {index} {i}" + ("" if i not in got else " differs") for i in want if got.get(i) != want[i]]
     return equal, lost
 
 
 def plan(n: int, seed: int, span: float) -> list[Fault]:
-    """``n`` faults: a third in checkpoint writes and kNN windows, the rest at seeded times in the
-    first ``span`` seconds of an attempt (start-up, steps, saves alike)."""
+    """``n`` faults: a third in checkpoint writes, kNN windows and mid-epoch SIGTERMs, the rest at seeded
+    times in the first ``span`` seconds of an attempt (start-up, steps, saves alike)."""
     rng = random.Random(seed)
-    faults = [Fault(KINDS[i % 2]) if i < max(2, n // 3) else Fault("time", rng.uniform(1.0, span)) for i in range(n)]
+    placed = ("write", "knn", "term")
+    faults = [Fault(placed[i % 3]) if i < max(3, n // 3) else Fault("time", rng.uniform(1.0, span)) for i in range(n)]
     rng.shuffle(faults)
     return faults
 

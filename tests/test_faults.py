@@ -128,12 +128,13 @@ def reference(data, tmp_path):
 
 def test_sigkill_mid_checkpoint_mid_knn_and_at_random_resumes_to_the_same_weights_and_rows(data, reference, tmp_path):
     """Killed while writing the first checkpoint, while the kNN monitor runs with the epoch's metrics
-    row pending, and at a seeded moment: each checkpoint on disk loads, the weights end bit-equal and
-    no step or metrics row is lost."""
+    row pending, stopped by SIGTERM mid-epoch (a checkpoint at the step) and killed at a seeded moment:
+    each checkpoint on disk loads, the weights end bit-equal and no step or metrics row is lost or
+    changed (the mid-epoch resume's epoch row averages the whole epoch)."""
     run = tmp_path / "run"
-    faults = [Fault("write"), Fault("knn"), Fault("time", random.Random(0).uniform(1.0, 4.0))]
+    faults = [Fault("write"), Fault("knn"), Fault("term"), Fault("time", random.Random(0).uniform(1.0, 4.0))]
     out = killed_run(train_command(*data, run, 2), run, faults, tmp_path / "seen", timeout=120)
-    assert out.kills[:2] == ["checkpoint write", "kNN / metrics row pending (hit)"], out.kills
+    assert out.kills[:3] == ["checkpoint write", "kNN / metrics row pending (hit)", "SIGTERM mid-epoch"], out.kills
     assert out.final_rc == 0 and out.unreadable == [] and out.checkpoints_seen >= 2
     assert compare(run, reference()) == (True, [])
 

@@ -14,7 +14,7 @@ from mocohub.data.folder import ImageFolder, collate_images
 from mocohub.data.synthetic import make_dataset
 from mocohub.training import TrainConfig, Trainer, load_checkpoint, train
 from mocohub.training import checkpoint as checkpoint_module
-from mocohub.zoo.card import model_card
+from mocohub.zoo.card import METRIC_NAMES, model_card
 
 TINY = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "32", "--workers", "0",
         "--no-progress", "--log-every", "1"]
@@ -77,7 +77,7 @@ def test_cli_end_to_end(folders, tmp_path, capsys):
     config = json.loads((run / "backbone" / "config.json").read_text())
     card = (run / "backbone" / "README.md").read_text()  # the model card, from the config it sits next to
     assert card == model_card(config) and "# MoCo v1 resnet18" in card and "| epochs | 2 |" in card
-    assert f"| knn top1 | {rows[1]['knn_top1']} |" in card and "he2020momentum" in card
+    assert f"| {METRIC_NAMES['knn_top1']} | {rows[1]['knn_top1']} |" in card and "he2020momentum" in card
 
 
 def test_resume_reproduces_uninterrupted_losses(folders, tmp_path):

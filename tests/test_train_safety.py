@@ -1,10 +1,7 @@
 """A resume continues the same experiment or refuses; the run folder has one owner; device rules."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -107,7 +107,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Pre-train MoCo v1/v2/v3 on any folder of images (class sub-folders optional).\n"
                                    "Under torchrun every process runs this command; --batch-size is global.",
                        epilog=EPILOG, formatter_class=_HelpFormatter)
-    p.add_argument("data", metavar="DATA_DIR", help="folder of images, searched recursively")
+    p.add_argument("data", metavar="DATA_DIR", help="folder of images (searched recursively), or WebDataset "
+                   "shards: a .tar file or a brace pattern such as '/data/train-{000000..000127}.tar' (quote it)")
     p.add_argument("--recipe", default=DEFAULTS["recipe"], choices=CHOICES["recipe"],
                    help="the paper setting to start from")
     p.add_argument("--out", default=None, metavar="RUN_DIR",
@@ -149,7 +150,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run_g.add_argument("--restart", action="store_true",
                        help="start an existing RUN_DIR over; its earlier files are moved to RUN_DIR/previous-<time>/")
     run_g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
-    run_g.add_argument("--val", default=None, metavar="DIR", help="labelled folder for the kNN monitor")
+    run_g.add_argument("--val", default=None, metavar="DIR", help="labelled folder or shards for the kNN monitor")
     run_g.add_argument("--knn-every", type=int, default=DEFAULTS["knn_every"], metavar="EPOCHS",
                        help="epochs between kNN scores")
     run_g.add_argument("--knn-k", type=int, default=DEFAULTS["knn_k"], help="neighbours of the weighted kNN")

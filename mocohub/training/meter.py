@@ -46,7 +46,7 @@ class EpochSums:
 
 def epoch_line(row: dict[str, Any], epochs: int) -> str:
     """The human line of a metrics.jsonl row."""
-    knn = f", kNN top-1 {pct(row['knn_top1'])}" if "knn_top1" in row else ""
+    knn = f", kNN top-1 {pct(row['knn_top1'])} (query encoder output)" if "knn_top1" in row else ""
     skipped = f", {row['skipped']} file(s) skipped" if row["skipped"] else ""
     return (f"epoch {row['epoch'] + 1}/{epochs}: loss {row['loss']:.3f}, instance accuracy "
             f"{pct(row['acc1'])}{knn}, {row['images_per_s']:.0f} img/s, {duration(row['seconds'])}{skipped}")

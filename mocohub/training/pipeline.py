@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..data.augment import AUGMENTATIONS, two_views
 from ..data.batched import BatchedTwoViews
 from ..data.folder import DEFAULT_WORKERS, Batch, ImageFolder, collate_images
+from ..data.sources import open_images
 from ..errors import MocohubError
 from ..zoo.pretrained import pretrained_cfg_for
 from ..zoo.transforms import transform_for
@@ -47,7 +48,9 @@ def choose_augmentation(cfg: TrainConfig, device: torch.device) -> tuple[str, to
 class InputPipeline:
     """The training images and their views, checked before anything is written."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, channels_last: bool, per_rank: int):
+    def __init__(self, cfg: TrainConfig, device: torch.device, channels_last: bool, per_rank: int,
+                 barrier: Callable[[], None] | None = None):
+        """``barrier``: every process of the run enters it together (one image cache per node)."""
         self.cfg, self.device, self.channels_last = cfg, device, channels_last
         if device.type == "cpu" and per_rank * cfg.image_size ** 2 > 64 * 224 ** 2:
             warnings.warn(f"training on the CPU with {per_rank} images of {cfg.image_size} px per step needs "
@@ -57,9 +60,11 @@ class InputPipeline:
         batched = self.aug_impl == "batched"
         views = (BatchedTwoViews if batched else two_views)(cfg.aug, cfg.image_size, crop_min=cfg.crop_min)
         self.views = views if batched else None  # the batch half of the batched views
-        self.dataset = ImageFolder(cfg.data, views, seed=cfg.seed, cache_images=cfg.cache_images)
+        self.dataset = open_images(cfg.data, views, seed=cfg.seed, cache_images=cfg.cache_images,
+                                   cache_barrier=barrier)
         self.workers = self._choose_workers()
-        self.fingerprint = data_fingerprint(cfg.data, (p for p, _ in self.dataset.samples))
+        # relative names: a moved folder, or the shards written from it, fingerprint the same
+        self.fingerprint = data_fingerprint(self.dataset.root, (p for p, _ in self.dataset.samples))
         # evaluation preprocessing: the recipe's normalisation at the training crop size
         self.eval_cfg = pretrained_cfg_for(cfg.image_size, *AUGMENTATIONS[cfg.aug][2])
         self.knn_sets = self._knn_datasets() if cfg.val else None
@@ -81,11 +86,14 @@ class InputPipeline:
         transform = transform_for(self.eval_cfg)
         with warnings.catch_warnings():  # the training set already reported its non-image files
             warnings.simplefilter("ignore")
-            bank = ImageFolder(cfg.data, transform, on_error="skip")
-        val = ImageFolder(cfg.val, transform, on_error="skip")
+            bank = open_images(cfg.data, transform, on_error="skip")
+        val = open_images(cfg.val, transform, on_error="skip")
         if not bank.classes:
             raise MocohubError(f"--val needs labelled training images for the kNN bank: put {cfg.data}'s "
                                "images in class sub-folders, or drop --val")
+        if not val.classes:
+            raise MocohubError(f"--val {cfg.val} has no class sub-folders: the kNN monitor needs "
+                               "DIR/<class>/<image> with the training folder's classes")
         if bank.classes != val.classes:
             raise MocohubError(f"--val {cfg.val} has classes {val.classes[:5]}..., the training folder "
                                f"{bank.classes[:5]}...: the kNN monitor needs the same class sub-folders")

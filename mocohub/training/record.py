@@ -33,8 +33,12 @@ def read_record(path: Path) -> dict[str, Any]:
 
 def start_lines(record: dict[str, Any], *, summary: str, batch_norm: str, arch: str, data: str, image_size: int,
                 batch_size: int, run_dir: Path) -> list[str]:
-    """What the run is, and the precision line (``benchmarks/ablations.py`` once parsed it)."""
-    return [f"{summary}: {arch} on {record['images']} images of {data}, {image_size} px, batch {batch_size} over "
-            f"{record['world_size']} process(es) on {record['device_type']}, {record['steps_per_epoch']} "
-            f"steps/epoch, {batch_norm} -> {run_dir}",
-            f"precision {record['precision']} ({record['precision_why']}), {record['memory_format']}"]
+    """What the run is, the precision line (``benchmarks/ablations.py`` once parsed it) and, unless
+    ``--cache-images off``, what became of the image cache and why."""
+    lines = [f"{summary}: {arch} on {record['images']} images of {data}, {image_size} px, batch {batch_size} over "
+             f"{record['world_size']} process(es) on {record['device_type']}, {record['steps_per_epoch']} "
+             f"steps/epoch, {batch_norm} -> {run_dir}",
+             f"precision {record['precision']} ({record['precision_why']}), {record['memory_format']}"]
+    if record.get("cache_images") != "off" and record.get("image_cache"):
+        lines.append(record["image_cache"])
+    return lines

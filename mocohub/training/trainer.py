@@ -15,7 +15,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..errors import MocohubError
 from ..precision import autocast, resolve_channels_last, resolve_precision
 from ..run_folder import OUTPUTS, RunFolder
 from ..zoo.pretrained import build_config, write_pretrained
@@ -57,7 +56,8 @@ class Trainer:
         self.folder = RunFolder(rt.broadcast(str(cfg.out or fresh_run_dir(cfg.recipe, cfg.arch))))
         torch.manual_seed(cfg.seed)
         self.per_rank = cfg.batch_size // rt.world
-        self.input = InputPipeline(cfg, rt.device, self.channels_last, self.per_rank)
+        self.input = InputPipeline(cfg, rt.device, self.channels_last, self.per_rank,
+                                   barrier=rt.barrier if rt.world > 1 else None)
         self.sampler = ResumableSampler(len(self.input.dataset), cfg.batch_size, num_replicas=rt.world,
                                         rank=rt.rank, seed=cfg.seed)
         # SyncBatchNorm (MoCo v3 under DDP, as the official) needs CUDA tensors: on gloo/CPU each
@@ -114,6 +114,7 @@ class Trainer:
                 "workers": self.input.workers, "aug_impl": self.input.aug_impl,
                 "aug_device": str(self.input.aug_device), "bn_splits": self.bn_splits,
                 "steps_per_epoch": self.sampler.steps, "images": len(self.input.dataset),
+                "cache_images": self.cfg.cache_images, "image_cache": self.input.dataset.cache_note,
                 "moco_version": self.cfg.moco_version, "recipe": self.cfg.recipe}
 
     # read by tests and tools: the choices, under their earlier names
@@ -182,8 +183,8 @@ class Trainer:
                     # checkpoint, which trims the row and writes it again; the other order lost it.
                     self._save(EpochSums())
             self.rt.barrier()  # rank 0's checkpoint is on disk before any process leaves
-            if self.guard.interrupted:
-                raise KeyboardInterrupt
+            if self.guard.interrupted:  # the CLI names the folder in its resume hint
+                raise KeyboardInterrupt(str(self.folder.root))
             out = self._export(metrics) if self.rt.main else self.folder.backbone
             self.rt.barrier()
             return out
@@ -209,7 +210,7 @@ class Trainer:
         """The query encoder's backbone as a timm/``from_pretrained`` folder, with the run's metrics."""
         cfg, built = self.cfg, self.model.backbone_config()
         meta = {"moco_version": cfg.moco_version, "recipe": cfg.recipe, "epochs": self.state.epoch,
-                "source": "mocohub train", "dataset": Path(cfg.data).name, **metrics}
+                "source": "mocohub train", "dataset": Path(self.input.dataset.root).name, **metrics}
         config = build_config(built["architecture"], num_features=built["num_features"], stem=built["stem"],
                               pretrained_cfg={**self.input.eval_cfg, **built["pretrained_cfg"]}, meta=meta)
         config["model_args"] = built["model_args"]
