@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import numpy as np
 
 import torch
 from PIL import Image
@@ -13,6 +15,7 @@ from torch.utils.data import Dataset, default_collate
 from ..errors import MocohubError
 from .cache import CACHE_CHOICES, ImageCache, open_cache
 from .convert import DECODE_ERRORS, load_rgb, uint8_to_pil
+from .samples import Names, Samples, list_images
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_WORKERS", "ImageFolder", "Batch", "collate_images", "load_rgb", "sample_seed"]
 
@@ -74,34 +77,40 @@ class ImageFolder(Dataset):
         self.transform = transform
         self.on_error = on_error
         self.seed, self.epoch = seed, 0
-        images, self.skipped = [], []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                path = os.path.join(dirpath, name)
-                (images if name.lower().endswith(tuple(extensions)) else self.skipped).append(path)
+        root_dir = str(self.root)
+        images, groups, self.skipped = list_images(root_dir, extensions)
         if not images:
             raise MocohubError(f"no images found under {self.root} (looked for {', '.join(extensions)})")
-        rel = [Path(p).relative_to(self.root).parts for p in images]
-        labelled = all(len(parts) >= 2 for parts in rel)
-        self.classes = sorted({parts[0] for parts in rel}) if labelled else []
+        labelled = all(top for top, _ in groups)  # every image inside a first-level folder
+        self.classes = sorted({top for top, _ in groups}) if labelled else []
         index = {c: i for i, c in enumerate(self.classes)}
-        self.samples = [(p, index[parts[0]] if labelled else -1) for p, parts in zip(images, rel)]
+        labels = np.repeat([index[top] if labelled else -1 for top, _ in groups], [n for _, n in groups])
+        self._samples = Samples(Names(images, os.path.join(root_dir, "")), labels)
+        del images  # the flat copy is all that stays (before the cache is decoded)
         if self.skipped:
             warnings.warn(f"{len(self.skipped)} non-image file(s) under {self.root} ignored, "
                           f"e.g. {self.skipped[0]}", stacklevel=2)
         self.cache: ImageCache | None
-        self.cache, self.cache_note = open_cache([p for p, _ in self.samples], cache_images, cache_budget,
+        self.cache, self.cache_note = open_cache(self._samples.paths, cache_images, cache_budget,
                                                  barrier=cache_barrier)
 
+    @property
+    def samples(self) -> Samples:
+        """``(path, label)`` per image, held in flat arrays (``Samples``): loader workers reading it
+        do not copy it."""
+        return self._samples
+
+    @samples.setter
+    def samples(self, pairs: Iterable[tuple[str, int]]) -> None:
+        """Set from ``(path, label)`` pairs (a subclass's own listing), stored flat as well."""
+        self._samples = Samples.from_pairs(pairs, os.path.join(str(self.root), ""))
+
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._samples)
 
     @property
     def targets(self) -> list[int]:
-        return [label for _, label in self.samples]
+        return self._samples.labels.tolist()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's augmentations (takes effect in DataLoader iterators made after it)."""
@@ -109,12 +118,12 @@ class ImageFolder(Dataset):
 
     def _image(self, index: int) -> Image.Image | torch.Tensor:
         if self.cache is None:
-            return load_rgb(self.samples[index][0])
+            return load_rgb(self._samples.paths[index])
         image = self.cache[index]
         return image if getattr(self.transform, "accepts_tensors", False) else uint8_to_pil(image)
 
     def _load(self, index: int):
-        image, label = self._image(index), self.samples[index][1]
+        image, label = self._image(index), int(self._samples.labels[index])
         if self.transform is None:
             return image, label
         if self.seed is None:
@@ -130,14 +139,14 @@ class ImageFolder(Dataset):
         """Return ``(image, label, index, failed_paths)``; image is None when skipped."""
         failed = []
         for attempt in range(MAX_SUBSTITUTES if self.on_error == "substitute" else 1):
-            i = (index + attempt) % len(self.samples)
+            i = (index + attempt) % len(self._samples)
             try:
                 image, label = self._load(i)
                 return image, label, i, failed
             except DECODE_ERRORS:
-                failed.append(self.samples[i][0])
+                failed.append(self._samples.paths[i])
         if self.on_error == "skip":
-            return None, self.samples[index][1], index, failed
+            return None, int(self._samples.labels[index]), index, failed
         raise MocohubError(f"{MAX_SUBSTITUTES} consecutive images could not be decoded, "
                            f"e.g. {failed[0]}: is {self.root} an image folder?")
 

@@ -9,6 +9,8 @@ reported. The number of processes may change too: the sampler cuts each epoch in
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -24,12 +26,28 @@ MAY_CHANGE = frozenset({
 IGNORED = frozenset({"paper", "moco_version", "recipe"})
 
 
+# a relative name that pathlib writes otherwise (an empty or "." part), in the names joined by newlines
+# with one more at either end: its parts are separated by "/" and its ends by "\n"
+_UNNORMAL = re.compile(r"[\n/]\.?[\n/]")
+
+
+def _relative(path: str, root: Path) -> str:
+    return str(Path(path).relative_to(root))
+
+
 def data_fingerprint(root: str | Path, paths: Iterable[str]) -> dict[str, Any]:
     """Image count and a hash of the relative file names: a moved folder still matches, another
-    data set (or a changed one) does not."""
+    data set (or a changed one) does not. The names are relative as pathlib writes them, sorted and
+    joined by newlines (the value checkpoints hold); they are cut by string slicing, pathlib
+    taking over only where it would write a name otherwise: a million names in about a second."""
     root = Path(root)
-    rel = sorted(str(Path(p).relative_to(root)) for p in paths)
-    digest = hashlib.sha256("\n".join(rel).encode()).hexdigest()[:16]
+    prefix = os.path.join(str(root), "")
+    rel = sorted(p[len(prefix):] if p.startswith(prefix) else _relative(p, root) for p in paths)
+    joined = "\n".join(rel)
+    if _UNNORMAL.search(f"\n{joined}\n"):
+        rel = sorted(_relative(prefix + name, root) for name in rel)
+        joined = "\n".join(rel)
+    digest = hashlib.sha256(joined.encode()).hexdigest()[:16]
     return {"images": len(rel), "names_sha256": digest}
 
 
