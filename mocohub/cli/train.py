@@ -126,7 +126,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     hw = p.add_argument_group("hardware")
     hw.add_argument("--precision", default=DEFAULTS["precision"], choices=CHOICES["precision"],
                     help="autocast precision; auto: bf16 where the hardware computes it natively "
-                         "(AMX CPUs, bf16 GPUs), else fp32")
+                         "(AMX or AVX512-BF16 CPUs, GPUs of compute capability 8.0 or more), fp16 with a "
+                         "GradScaler on older GPUs, else fp32")
     hw.add_argument("--channels-last", type=_bool, default=None, metavar="BOOL",
                     help="NHWC memory format; default: on with bf16/fp16, off in fp32")
     hw.add_argument("--workers", type=int, default=None,
