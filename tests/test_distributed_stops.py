@@ -112,6 +112,22 @@ def test_sigterm_to_one_rank_or_to_all_stops_every_rank_at_the_same_step(data, t
     assert [s["step"] for s in _steps(run)] == list(range(20))
 
 
+def test_a_signal_to_one_rank_stops_both_at_the_next_agreed_flush(data, tmp_path):
+    """With --log-every 3 the ranks agree every 3 steps and at each epoch's end (5 steps), not after
+    every step: SIGTERM to rank 1 stops both after the same one of those steps, every step done
+    logged and in the checkpoint."""
+    run = tmp_path / "run"
+    procs = _start([str(data[0]), *ARGS, "--log-every", "3", "--epochs", "4", "--out", str(run)])
+    _wait_for_steps(run, 1, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    results = _finish(procs)
+    assert [code for code, _ in results] == [130, 130], results
+    state = load_checkpoint(run / "checkpoint.pth.tar")
+    done = state["epoch"] * 5 + state["mocohub"]["step_in_epoch"]
+    assert state["mocohub"]["step_in_epoch"] in (0, 3) and 3 <= done < 20
+    assert _steps(run)[-1]["step"] == done - 1 and int(state["state_dict"]["module.queue_ptr"]) == (done * 8) % 16
+
+
 def test_a_loss_diverging_on_one_rank_stops_both_without_saving(data, tmp_path):
     run = tmp_path / "run"
     results = _finish(_start([str(data[0]), *ARGS, "--epochs", "2", "--out", str(run)], code=INF_ON_RANK_1))
