@@ -24,42 +24,13 @@ OUTPUTS = (CHECKPOINT, METRICS, STEPS, BACKBONE, CURVES, TENSORBOARD, RECORD)
 
 
 class RunFolder:
-    """Paths of one run folder's files."""
+    """Paths of one run folder's files (``RunFolder(run_dir).checkpoint``, ...)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self.checkpoint, self.metrics, self.steps = self.root / CHECKPOINT, self.root / METRICS, self.root / STEPS
+        self.curves, self.tensorboard, self.backbone = self.root / CURVES, self.root / TENSORBOARD, self.root / BACKBONE
+        self.record, self.lock = self.root / RECORD, self.root / LOCK
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.root)!r})"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / CHECKPOINT
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
-
-    @property
-    def steps(self) -> Path:
-        return self.root / STEPS
-
-    @property
-    def curves(self) -> Path:
-        return self.root / CURVES
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / TENSORBOARD
-
-    @property
-    def backbone(self) -> Path:
-        return self.root / BACKBONE
-
-    @property
-    def record(self) -> Path:
-        return self.root / RECORD
-
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK
