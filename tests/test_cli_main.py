@@ -66,3 +66,11 @@ def test_an_interrupted_extraction_says_how_to_continue(monkeypatch, tmp_path, c
     assert main(["extract", "moco-r50", str(tmp_path), str(out)]) == 130
     assert capsys.readouterr().err == (f"mocohub extract: interrupted; continue with: "
                                        f"mocohub extract moco-r50 {tmp_path} {out} --resume\n")
+
+
+def test_the_shards_command_is_registered(tmp_path, capsys):
+    from mocohub.data.synthetic import make_dataset
+
+    train_dir, _ = make_dataset(tmp_path / "data", train_per_class=2, val_per_class=1, size=8)
+    assert main(["shards", str(train_dir), str(tmp_path / "shards"), "--json"]) == 0
+    assert '"images": ' in capsys.readouterr().out and list((tmp_path / "shards").glob("*.tar"))

@@ -15,12 +15,12 @@ import warnings
 from typing import Sequence
 
 from ..errors import MocohubError
-from . import demo, evaluate, info, plot, train, zoo
+from . import demo, evaluate, info, plot, shards, train, zoo
 from .output import EXIT_CODES
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (demo, train, zoo, info, evaluate, plot)
+COMMANDS = (demo, train, shards, zoo, info, evaluate, plot)
 
 
 def _version() -> str:
