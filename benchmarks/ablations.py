@@ -60,16 +60,13 @@ from ablation_report import (MARK_NAME, RESULTS_NAME, machine, plot_study, resul
                              write_report)
 from ablation_studies import PUBLIC_SIZES, SIZES, STUDIES, Flags, Setting, flag_list, plan, train_config  # noqa: E402
 
-from mocohub.errors import MocohubError  # noqa: E402
+from mocohub.errors import EXIT_DIVERGED, MocohubError  # noqa: E402
 from mocohub.fileio import atomic_write  # noqa: E402
 from mocohub.jsonlog import append_jsonl, read_jsonl  # noqa: E402
 from mocohub.run_folder import RunFolder  # noqa: E402
 from mocohub.training.resume import config_differences  # noqa: E402
-from mocohub.training.stop import divergence_error  # noqa: E402
 
 RUN_LOG = "ablation.log"  # the run's stderr and result, appended over its invocations
-# `mocohub train`'s exit code for a loss that became nan/inf, as its divergence error carries it
-EXIT_DIVERGED = divergence_error("nan", 0, 0, Path(RUN_LOG), "fp32").exit_code
 
 
 @dataclass

@@ -13,16 +13,17 @@ import math
 import sys
 from typing import Any, Mapping, Sequence
 
+from ..errors import EXIT_DIVERGED, EXIT_USAGE
 from ..formatting import duration, pct
 
 __all__ = ["EXIT_CODES", "add_json_flag", "emit", "say", "clean", "pct", "count", "duration", "num", "params",
            "table"]
 
-EXIT_CODES = """exit codes:
+EXIT_CODES = f"""exit codes:
   0    done
   1    a missing optional package (matplotlib for plot, tensorboard) or an unexpected error
-  2    bad usage or input: the message says what is wrong and how to fix it
-  3    training stopped on a NaN/inf loss (the last checkpoint is intact)
+  {EXIT_USAGE}    bad usage or input: the message says what is wrong and how to fix it
+  {EXIT_DIVERGED}    training stopped on a NaN/inf loss (the last checkpoint is intact)
   130  interrupted (Ctrl-C): a training run checkpoints first"""
 
 

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from ..errors import MocohubError
+from ..errors import EXIT_DIVERGED, MocohubError
 from .runtime import Runtime
 
 __all__ = ["StopGuard", "divergence_error"]
@@ -22,11 +22,11 @@ __all__ = ["StopGuard", "divergence_error"]
 
 def divergence_error(what: str, step: int, epoch: int, checkpoint: Path, precision: str) -> MocohubError:
     """The message of a non-finite loss: what is kept (a checkpoint only if there is one) and what to
-    try (``--precision fp32`` only for a run not already in fp32). Exit code 3."""
+    try (``--precision fp32`` only for a run not already in fp32). Exit code ``EXIT_DIVERGED``."""
     kept = (f"the run stopped without saving, so {checkpoint} still holds the last good state"
             if checkpoint.exists() else "the run stopped before its first checkpoint, so nothing was saved")
     fix = "Lower --lr" + (" or train with --precision fp32" if precision != "fp32" else "")
-    return MocohubError(f"the loss became {what} at step {step} (epoch {epoch}); {kept}. {fix}", exit_code=3)
+    return MocohubError(f"the loss became {what} at step {step} (epoch {epoch}); {kept}. {fix}", exit_code=EXIT_DIVERGED)
 
 
 class StopGuard:
