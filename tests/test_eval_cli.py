@@ -103,9 +103,10 @@ def test_knn_refuses_k_zero_and_a_val_folder_without_classes(setup, tmp_path, ca
         main(["knn", model, "--train", train, "--val", train, "--k", "0", *FAST])
     assert usage.value.code == 2 and "argument --k: must be above 0, got 0" in capsys.readouterr().err
     flat = make_image_folder(tmp_path / "flat", per_class=2, labelled=False)
-    assert main(["knn", model, "--train", train, "--val", str(flat), *FAST]) == 2
-    assert capsys.readouterr().err == (f"mocohub knn: error: --val {flat} has no class sub-folders: "
-                                       "labels come from DIR/<class>/<image>\n")
+    for command in ("knn", "eval"):
+        assert main([command, model, "--train", train, "--val", str(flat), *FAST]) == 2
+        assert capsys.readouterr().err == (f"mocohub {command}: error: --val {flat} has no class sub-folders: "
+                                           "labels come from DIR/<class>/<image>\n")
 
 
 def test_lincls_v3_on_fewer_images_than_its_batch_says_the_batch_it_uses(setup, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""``mocohub extract``, ``mocohub knn`` and ``mocohub lincls``: what a frozen MoCo backbone is worth."""
+"""``mocohub extract``, ``knn``, ``lincls`` and ``eval``: what a frozen MoCo backbone is worth."""
 from __future__ import annotations
 
 import argparse
@@ -13,13 +13,15 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from ..data.folder import DEFAULT_WORKERS, ImageFolder, collate_images
+from ..data.folder import DEFAULT_WORKERS
+from ..data.sources import open_images
 from ..errors import MocohubError
 from ..evaluation.classifier import save_classifier
 from ..evaluation.embeddings import Embeddings, compute_embeddings, concat_embeddings
 from ..evaluation.extract import extract_embeddings
 from ..evaluation.knn import knn_classify
-from ..evaluation.linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS, fast_linear_probe, resolve_protocol, train_linear_head
+from ..evaluation.linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS, fast_linear_probe, train_linear_head
+from ..evaluation.protocols import evaluate_protocols, image_loader, official_protocol, shared_classes
 from ..evaluation.transforms import linear_cfg, train_transform
 from ..jsonlog import append_jsonl
 from ..precision import PRECISION_CHOICES, resolve_channels_last, resolve_precision
@@ -29,7 +31,7 @@ from ..zoo.hub import HUB_PREFIX
 from ..zoo.loading import from_pretrained
 from ..zoo.pretrained import WEIGHTS_NAME
 from ..zoo.transforms import transform_for
-from .output import add_json_flag, clean, count, duration, emit, num, pct, say
+from .output import add_json_flag, clean, count, duration, emit, num, pct, say, table
 
 __all__ = ["add_parser", "run", "model_slug"]
 
@@ -38,6 +40,9 @@ LINCLS_KEYS = ("command, model, mode (v1, v3 or fast), out, top1, top5 (percent)
                "official protocol: epoch, lr, loss, best_top1, time_s; fast: fast_aug, weight_decay, "
                "holdout_top1, num_train, num_val, fit_time_s")
 EXTRACT_KEYS = "command, model, out, num_images, dim, failed, precision, seconds"
+EVAL_KEYS = ("command, model, precision, seconds, results: [{protocol, top1, top5 (percent), seconds, settings}] "
+             "(kNN and fast: settings.features_s, the shared feature pass, not in their seconds)")
+SOURCE_HELP = "or WebDataset shards: a .tar file or a quoted brace pattern such as 'd/train-{000000..000127}.tar'"
 
 
 class Hardware(NamedTuple):
@@ -92,8 +97,8 @@ def _common(p: argparse.ArgumentParser, batch_size: int | None = 256) -> None:
 
 
 def _labelled(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train", required=True, metavar="DIR", help="labelled folder: DIR/<class>/<image>")
-    p.add_argument("--val", required=True, metavar="DIR", help="labelled folder with the same classes")
+    p.add_argument("--train", required=True, metavar="DIR", help=f"labelled folder: DIR/<class>/<image>, {SOURCE_HELP}")
+    p.add_argument("--val", required=True, metavar="DIR", help="labelled folder (or shards) with the same classes")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -103,7 +108,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "'embeddings', 'labels'; paths, classes and skipped files in the metadata). "
                                    "Resumable: an interrupted run continues with --resume.", formatter_class=fmt)
     _common(p, batch_size=64)
-    p.add_argument("image_dir", metavar="IMAGE_DIR")
+    p.add_argument("image_dir", metavar="IMAGE_DIR", help=f"folder of images (searched recursively), {SOURCE_HELP}")
     p.add_argument("out", metavar="OUT", nargs="?",
                    help="default: a new runs/extract-<model>-<time>/embeddings.safetensors")
     p.add_argument("--no-normalize", dest="normalize", action="store_false", help="raw, not L2-normalised, features")
@@ -153,23 +158,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_json_flag(p, LINCLS_KEYS)
     p.set_defaults(func=run)
 
+    p = sub.add_parser("eval", help="kNN, the fast probe and the official linear protocols in one table",
+                       description="Every evaluation protocol of a frozen backbone on the same images, one row each "
+                                   "with its settings, top-1, top-5 and seconds: weighted kNN and the fast linear "
+                                   "probe (one feature pass shared by both), and with --official the official "
+                                   "linear protocol (hours on ImageNet; --protocol v3 for v3's).", formatter_class=fmt)
+    _common(p)
+    _labelled(p)
+    p.add_argument("--k", type=_positive(int), default=200, help="kNN neighbours (clipped to the train size)")
+    p.add_argument("--t", type=_positive(float), default=0.1, help="kNN temperature")
+    p.add_argument("--fast-wd", type=float, nargs="+", default=list(DEFAULT_WEIGHT_DECAYS), metavar="WD",
+                   help="fast probe: weight decays tried (chosen on a 20%% hold-out of train)")
+    p.add_argument("--official", action="store_true", help="add the official linear protocol (an fc trained by SGD)")
+    p.add_argument("--protocol", nargs="+", default=["v1"], choices=("v1", "v3"),
+                   help="the official protocols --official runs (v3 on a ViT: base lr 3)")
+    p.add_argument("--epochs", type=_positive(int), help="official protocols: epochs (default: the protocol's)")
+    add_json_flag(p, EVAL_KEYS)
+    p.set_defaults(func=run)
 
-def _loader(folder: str, transform: Callable, args: argparse.Namespace, hw: Hardware, *, shuffle: bool = False,
+
+def _loader(source: str, transform: Callable, args: argparse.Namespace, hw: Hardware, *, shuffle: bool = False,
             batch_size: int | None = None) -> DataLoader:
-    data = ImageFolder(folder, transform, on_error="skip")
-    return DataLoader(data, batch_size=batch_size or args.batch_size or 256, shuffle=shuffle,
-                      num_workers=args.workers, collate_fn=collate_images, pin_memory=hw.device.type == "cuda")
+    data = open_images(source, transform, on_error="skip")
+    return image_loader(data, batch_size=batch_size or args.batch_size or 256, workers=args.workers,
+                        device=hw.device, shuffle=shuffle)
 
 
 def _classes(train: DataLoader, val: DataLoader) -> list[str]:
-    train_classes, val_classes = train.dataset.classes, val.dataset.classes
-    for flag, data in (("--train", train.dataset), ("--val", val.dataset)):
-        if not data.classes:
-            raise MocohubError(f"{flag} {data.root} has no class sub-folders: labels come from DIR/<class>/<image>")
-    if train_classes != val_classes:
-        raise MocohubError(f"train and val folders have different classes ({len(train_classes)} vs "
-                           f"{len(val_classes)}): use the same class sub-folder names")
-    return train_classes
+    return shared_classes(train.dataset, val.dataset)
 
 
 def _skipped(failed: list[str]) -> str:
@@ -188,7 +204,7 @@ def _knn(args: argparse.Namespace, hw: Hardware, start: float) -> int:
     val = _loader(args.val, model.eval_transform, args, hw)
     classes = _classes(train, val)
     metrics = knn_classify(_embed(model, train, args, hw), _embed(model, val, args, hw), len(classes),
-                           k=args.k, t=args.t)
+                           k=args.k, t=args.t, device=hw.device)
     seconds = time.perf_counter() - start
     human = (f"kNN top-1 {pct(metrics['top1'])}, top-5 {pct(metrics['top5'])} (k={metrics['k']}, "
              f"{count(metrics['num_val'])} val images, {hw.precision}, {duration(seconds)})"
@@ -223,26 +239,24 @@ def _lincls(args: argparse.Namespace, hw: Hardware, start: float) -> int:
             parts.append(_embed(model, _loader(args.train, train_transform(cfg), args, hw), args, hw, normalize=False))
         train_emb = concat_embeddings(parts)._replace(failed=parts[0].failed)
         head, metrics = fast_linear_probe(train_emb, _embed(model, val, args, hw, normalize=False), len(classes),
-                                          weight_decays=args.fast_wd)
+                                          weight_decays=args.fast_wd, device=hw.device)
         metrics = {"command": "lincls", "mode": "fast", "fast_aug": args.fast_aug, **metrics}
         append_jsonl(metrics_file, [clean(metrics)])
         chosen = (f"wd {num(metrics['weight_decay'])}" + (" chosen on a 20 % hold-out" if len(args.fast_wd) > 1 else ""))
         summary = (f"linear probe (fast): top-1 {pct(metrics['top1'])}, top-5 {pct(metrics['top5'])} ({chosen}; "
                    f"{count(metrics['num_train'])} train / {count(metrics['num_val'])} val images")
     else:
-        if args.protocol == "v3" and hasattr(model, "patch_embed"):  # MoCo v3's ViT linear protocol: base lr 3
-            args.protocol = "v3-vit"
-        overrides = dict(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                         schedule=args.schedule, batch_size=args.batch_size,
-                         milestones=tuple(args.milestones) if args.milestones is not None else None)
-        protocol = resolve_protocol(args.protocol, **overrides)
-        train = _loader(args.train, train_transform(cfg), args, hw, shuffle=True, batch_size=protocol.batch_size)
+        data = open_images(args.train, train_transform(cfg), on_error="skip")
+        args.protocol, protocol, clipped = official_protocol(
+            args.protocol, model, len(data), batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
+            momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+            milestones=tuple(args.milestones) if args.milestones is not None else None)
+        train = image_loader(data, batch_size=protocol.batch_size, workers=args.workers, device=hw.device,
+                             shuffle=True)
         classes = _classes(train, val)
-        if args.batch_size is None and len(train.dataset) < protocol.batch_size:  # one step of all images per epoch
-            protocol = resolve_protocol(args.protocol, **{**overrides, "batch_size": len(train.dataset)})
-            train = _loader(args.train, train_transform(cfg), args, hw, shuffle=True, batch_size=protocol.batch_size)
+        if clipped:
             say(f"the {args.protocol} protocol's batch of {PROTOCOLS[args.protocol].batch_size} is more than the "
-                f"{count(len(train.dataset))} training images: batch {protocol.batch_size}, lr {num(protocol.lr)} "
+                f"{count(len(data))} training images: batch {protocol.batch_size}, lr {num(protocol.lr)} "
                 "(--batch-size sets it)", args.json)
 
         def on_epoch(m: dict[str, Any]) -> None:
@@ -286,6 +300,38 @@ def _extract(args: argparse.Namespace, hw: Hardware, start: float) -> int:
     return 0
 
 
+def _settings(row: dict[str, Any]) -> str:
+    s = row["settings"]
+    if row["protocol"] == "knn":
+        return f"k {s['k']}, t {num(s['t'])}"
+    if row["protocol"] == "fast":
+        tried = len(s["weight_decays"])
+        return f"L-BFGS, wd {num(s['weight_decay'])}" + (f" (best of {tried} on a 20 % hold-out)" if tried > 1 else "")
+    steps = f" x0.1 at {', '.join(map(str, s['milestones']))}" if s["schedule"] == "step" else ""
+    return f"SGD {s['epochs']} epochs, lr {num(s['lr'])}, batch {s['batch_size']}, {s['schedule']}{steps}"
+
+
+def _eval(args: argparse.Namespace, hw: Hardware, start: float) -> int:
+    model = from_pretrained(args.model)
+    protocols = ["knn", "fast", *(args.protocol if args.official else [])]
+    rows = evaluate_protocols(model, args.train, args.val, list(dict.fromkeys(protocols)), k=args.k, t=args.t,
+                              weight_decays=args.fast_wd, epochs=args.epochs, batch_size=args.batch_size,
+                              workers=args.workers, device=hw.device, precision=hw.precision,
+                              channels_last=hw.channels_last, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    lines = [("protocol", "settings", "top-1", "top-5", "seconds")]
+    lines += [(r["protocol"], _settings(r), pct(r["top1"]), pct(r["top5"]), duration(r["seconds"])) for r in rows]
+    shared = rows[0]["settings"]  # kNN's: the feature pass it shares with the fast probe
+    human = (table(lines) + f"\nkNN and fast scored one feature pass of {count(shared['num_train'])} train and "
+             f"{count(shared['num_val'])} val images ({duration(shared['features_s'])}, not in their seconds); "
+             f"{hw.precision}, {duration(seconds)} in all"
+             + (f"\nskipped {shared['skipped']} undecodable image(s)" if shared["skipped"] else ""))
+    emit({"command": "eval", "model": args.model, "results": rows, "precision": hw.precision, "seconds": seconds},
+         human, args.json)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    return {"extract": _extract, "knn": _knn, "lincls": _lincls}[args.command](args, _hardware(args), start)
+    commands = {"extract": _extract, "knn": _knn, "lincls": _lincls, "eval": _eval}
+    return commands[args.command](args, _hardware(args), start)

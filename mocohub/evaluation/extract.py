@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..data.folder import ImageFolder, collate_images
+from ..data.folder import collate_images
+from ..data.sources import open_images
 from ..errors import MocohubError
 from ..fileio import DiskFullError, atomic_write, disk_full_error
 from ..zoo.transforms import transform_for
@@ -79,13 +80,14 @@ def _write_shard(path: Path, parts: list, failed: list[str]) -> None:
     atomic_write(path, lambda p: save_file(tensors, p, metadata={"failed": json.dumps(failed)}))
 
 
-def extract_embeddings(model: nn.Module, image_dir: str | os.PathLike, out: str | os.PathLike, *,
+def extract_embeddings(model: nn.Module, image_dir: str | os.PathLike | Sequence[str], out: str | os.PathLike, *,
                        transform: Callable | None = None, batch_size: int = 64, workers: int = 0,
                        device: torch.device | str | None = None, precision: str = "auto",
                        channels_last: bool | str | None = None, normalize: bool = True, shard_size: int = 4096,
                        overwrite: bool = False, resume: bool = False, progress: bool = False,
                        model_name: str | None = None) -> Path:
-    """Embed every image under ``image_dir`` and write ``out`` (safetensors).
+    """Embed every image under ``image_dir`` (a folder, or WebDataset shards: a ``.tar`` file, a brace
+    pattern or a list of shard files) and write ``out`` (safetensors).
 
     Tensors: ``embeddings`` [N, D] float32 (L2-normalised unless ``normalize=False``),
     ``labels`` [N]. Metadata (JSON strings): ``paths`` (relative to ``root``), ``classes``,
@@ -96,7 +98,7 @@ def extract_embeddings(model: nn.Module, image_dir: str | os.PathLike, out: str 
     out = Path(out)
     if out.exists() and resume and not overwrite:
         return out  # a finished run: nothing left to do
-    data = ImageFolder(image_dir, transform or transform_for(model), on_error="skip")
+    data = open_images(image_dir, transform or transform_for(model), on_error="skip")
     root = data.root.resolve()
     paths = [Path(p).relative_to(data.root).as_posix() for p, _ in data.samples]
     state = {"format": FORMAT, "root": str(root), "model": model_name, "normalize": normalize,
