@@ -1,6 +1,10 @@
 """Backbone constructors."""
-from .resnet import RESNET_ARCHS, STEMS, apply_cifar_stem, create_resnet
-from .vit import MOCO_V3_VITS, create_vit, vit_architecture
+from ..lazy import lazy_exports
 
 __all__ = ["RESNET_ARCHS", "STEMS", "apply_cifar_stem", "create_resnet", "MOCO_V3_VITS", "create_vit",
            "vit_architecture"]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    ".resnet": ("RESNET_ARCHS", "STEMS", "apply_cifar_stem", "create_resnet"),
+    ".vit": ("MOCO_V3_VITS", "create_vit", "vit_architecture"),
+})

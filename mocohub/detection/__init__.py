@@ -1,5 +1,9 @@
 """Transfer of MoCo backbones to detection: torchvision backbones and detectron2 weights."""
-from .backbone import NORMS, detection_backbone
-from .detectron2 import convert_to_detectron2, detectron2_key, to_detectron2
+from ..lazy import lazy_exports
 
 __all__ = ["NORMS", "convert_to_detectron2", "detection_backbone", "detectron2_key", "to_detectron2"]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    ".backbone": ("NORMS", "detection_backbone"),
+    ".detectron2": ("convert_to_detectron2", "detectron2_key", "to_detectron2"),
+})

@@ -1,7 +1,11 @@
 """MoCo pre-training: recipes, the loop, checkpoints."""
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .recipes import RECIPES, Recipe, get_recipe
-from .trainer import Trainer, train
+from ..lazy import lazy_exports
 
 __all__ = ["RECIPES", "Recipe", "TrainConfig", "Trainer", "get_recipe", "load_checkpoint", "save_checkpoint", "train"]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    ".checkpoint": ("load_checkpoint", "save_checkpoint"),
+    ".config": ("TrainConfig",),
+    ".recipes": ("RECIPES", "Recipe", "get_recipe"),
+    ".trainer": ("Trainer", "train"),
+})
