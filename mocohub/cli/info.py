@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
-
-import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import MocohubError
 from ..jsonlog import read_jsonl
 from ..run_folder import BACKBONE, CHECKPOINT, RunFolder
-from ..zoo.formats import backbone_weights, convert, read_checkpoint, run_config
-from ..zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from ..zoo.registry import ALIASES, REGISTRY, model_info
 from .output import add_json_flag, emit, num, params, pct
 
@@ -59,10 +55,13 @@ def _zoo(name: str) -> dict[str, Any]:
 
 def _count(shapes: Mapping[str, list[int]]) -> int:
     """Learned parameters (BN running statistics are buffers, not parameters)."""
-    return sum(int(torch.Size(s).numel()) for k, s in shapes.items() if not k.endswith(_BUFFERS))
+    return sum(math.prod(s) for k, s in shapes.items() if not k.endswith(_BUFFERS))
 
 
 def _weights_params(folder: Path) -> int | None:
+    from safetensors import SafetensorError, safe_open
+
+    from ..zoo.pretrained import WEIGHTS_NAME
     try:
         with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
             return _count({k: f.get_slice(k).get_shape() for k in f.keys()})
@@ -86,11 +85,13 @@ def _from_config(config: Mapping[str, Any], num_params: int | None) -> dict[str,
 
 
 def _export(folder: Path) -> dict[str, Any]:
+    from ..zoo.pretrained import CONFIG_NAME
     return _from_config(json.loads((folder / CONFIG_NAME).read_text()), _weights_params(folder))
 
 
 def _run(checkpoint: Path) -> dict[str, Any]:
     """A training run's checkpoint (either generation): its settings and progress, the last epoch's metrics."""
+    from ..zoo.formats import backbone_weights, read_checkpoint, run_config
     state = read_checkpoint(checkpoint)
     settings = run_config(state)
     backbone = backbone_weights(state)
@@ -107,6 +108,7 @@ def _run(checkpoint: Path) -> dict[str, Any]:
 
 def _checkpoint(file: Path) -> dict[str, Any]:
     """A checkpoint file, read as ``from_pretrained`` reads it (a training run's keeps its progress)."""
+    from ..zoo.formats import convert, read_checkpoint, run_config
     state = read_checkpoint(file)
     if run_config(state):
         return _run(file)
@@ -116,6 +118,7 @@ def _checkpoint(file: Path) -> dict[str, Any]:
 
 
 def _local(folder: Path) -> dict[str, Any]:
+    from ..zoo.pretrained import CONFIG_NAME  # torch: a local file is read with it, a zoo name is not
     run = RunFolder(folder)
     info: dict[str, Any] = _run(run.checkpoint) if run.checkpoint.is_file() else {}
     export = next((d for d in (folder, run.backbone) if (d / CONFIG_NAME).is_file()), None)

@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..detection.detectron2 import convert_to_detectron2
-from ..zoo.hub import push_folder
-from ..zoo.loading import resolve_source
-from ..zoo.pretrained import write_pretrained
 from ..zoo.registry import ALIASES, REGISTRY, list_models, model_info
 from .output import add_json_flag, emit, params, say, table
 
@@ -62,6 +58,11 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from ..detection.detectron2 import convert_to_detectron2  # torch: imported when a conversion runs
+    from ..zoo.hub import push_folder
+    from ..zoo.loading import resolve_source
+    from ..zoo.pretrained import write_pretrained
+
     result = {"command": "convert", "source": args.source, "to": args.to, "format": None, "architecture": None,
               "pushed": None}
     if args.to == "detectron2":
