@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ __all__ = ["PROTOCOL_NAMES", "SHARED_FEATURES", "image_loader", "shared_classes"
 PROTOCOL_NAMES = ("knn", "fast", "v1", "v3")  # v1, v3: the official linear protocols (v3 on a ViT: v3-vit)
 SHARED_FEATURES = ("knn", "fast")  # scored on one pass of eval-transform features
 
-Source = str | os.PathLike | Sequence[str]
+Source = Union[str, os.PathLike, Sequence[str]]  # a folder or shards, as open_images takes
 
 
 def image_loader(data: Dataset, *, batch_size: int = 256, workers: int = 0, device: torch.device | None = None,
