@@ -172,7 +172,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--official", action="store_true", help="add the official linear protocol (an fc trained by SGD)")
     p.add_argument("--protocol", nargs="+", default=["v1"], choices=("v1", "v3"),
                    help="the official protocols --official runs (v3 on a ViT: base lr 3)")
-    p.add_argument("--epochs", type=_positive(int), help="official protocols: epochs (default: the protocol's)")
+    p.add_argument("--epochs", type=_positive(int),
+                   help="official protocols: epochs instead of the protocol's (None: its own)")
     add_json_flag(p, EVAL_KEYS)
     p.set_defaults(func=run)
 
