@@ -5,7 +5,6 @@ import warnings
 import pytest
 
 from mocohub.cli import info as info_cli
-from mocohub.cli import train as train_cli
 from mocohub.cli.main import main
 
 
@@ -47,7 +46,7 @@ def test_an_interrupted_training_says_the_command_that_resumes_it(monkeypatch, t
     def checkpoint_then_stop(cfg):  # the trainer checkpoints, then raises with its run folder
         raise KeyboardInterrupt(str(run_dir))
 
-    monkeypatch.setattr(train_cli, "train", checkpoint_then_stop)
+    monkeypatch.setattr("mocohub.training.trainer.train", checkpoint_then_stop)  # imported by run()
     argv = ["train", str(tmp_path), "--recipe", "cifar", "--epochs", "3"] + (["--out", str(run_dir)] * given_out)
     assert main(argv) == 130
     (line,) = capsys.readouterr().err.splitlines()

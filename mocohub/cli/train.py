@@ -12,7 +12,6 @@ from ..jsonlog import read_jsonl
 from ..run_folder import RunFolder
 from ..training.config import TrainConfig
 from ..training.recipes import RECIPES
-from ..training.trainer import train
 from ..training.validate import CHOICES
 from .output import add_json_flag, emit
 
@@ -174,6 +173,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training.trainer import train  # torch: imported when a run starts, not for --help
+
     # under --json the run's own lines go to stderr, so stdout is the one result object
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         out = train(config_from_args(args))
