@@ -15,16 +15,12 @@ import torch
 import torch.nn as nn
 
 from ..algorithm import MoCo, MoCoV3
+from ..backbones import vit_args
 from .optim import scaled_lr, v3_lr, v3_momentum, v3_optimizer
 from .schedule import lr_schedule
 from .validate import is_vit
 
-__all__ = ["Algorithm", "build_algorithm", "vit_args", "fit_optimizer_state"]
-
-
-def vit_args(image_size: int, patch_size: int | None) -> dict[str, Any]:
-    """timm arguments of a ViT trained at ``image_size`` (its position embedding follows the grid)."""
-    return {"img_size": image_size, **({"patch_size": patch_size} if patch_size else {})}
+__all__ = ["Algorithm", "build_algorithm", "fit_optimizer_state"]
 
 
 @dataclass

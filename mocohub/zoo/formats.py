@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..backbones import RESNET_ARCHS, vit_architecture
+from ..backbones import RESNET_ARCHS, vit_architecture, vit_args
 from ..data.augment import AUGMENTATIONS
 from ..errors import MocohubError
 from .pretrained import IMAGENET_PRETRAINED_CFG, build_config, pretrained_cfg_for
@@ -207,7 +207,6 @@ def convert(obj: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) ->
         # MoCo v3 names its ViTs "vit_small"/"vit_base", in its linear-eval checkpoints too
         moco_v3 = prefix == "base_encoder." or obj.get("arch") in ("vit_small", "vit_base")
         if moco_v3 and settings.get("moco_version") == "v3":  # a mocohub run: its ViT at its training grid
-            from ..training.algorithms import vit_args  # (training imports zoo: import here, not at the top)
             arch, model_args = vit_architecture(settings["arch"], **vit_args(int(settings["image_size"]),
                                                                              settings.get("patch_size")))
         else:
