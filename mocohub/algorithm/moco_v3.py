@@ -101,6 +101,15 @@ class MoCoV3(nn.Module):
     def _update_momentum_encoder(self, m: float) -> None:
         momentum_update_(list(self.momentum_encoder.parameters()), list(self.base_encoder.parameters()), m)
 
+    def features(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``encoder``'s pooled backbone features before its projector (timm's pre-logits): the
+        representation a micro-batched step caches (``training.microbatch``)."""
+        return encoder.forward_head(encoder.forward_features(x), pre_logits=True)
+
+    def project(self, encoder: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        """``encoder``'s projector on its ``features``: ``project(e, features(e, x)) == e(x)``."""
+        return getattr(encoder, self.projector_name)(features)
+
     def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """InfoNCE of this rank's queries against every rank's keys; the positive of query n on rank r
         is key N*r + n. Scaled by 2T, as the official code. Returns loss, logits and labels."""
