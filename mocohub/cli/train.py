@@ -10,6 +10,8 @@ from dataclasses import fields
 from ..data.folder import DEFAULT_WORKERS
 from ..jsonlog import read_jsonl
 from ..run_folder import RunFolder
+from ..errors import MocohubError
+from ..training.budget import parse_duration
 from ..training.config import TrainConfig
 from ..training.recipes import RECIPES
 from ..training.validate import CHOICES
@@ -43,6 +45,13 @@ def _bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except MocohubError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--time-budget {text!r}: ")) from e
 
 
 # flag -> (recipe field, type, extra argparse options)
@@ -150,6 +159,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run_g.add_argument("--restart", action="store_true",
                        help="start an existing RUN_DIR over; its earlier files are moved to RUN_DIR/previous-<time>/")
     run_g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    run_g.add_argument("--time-budget", type=_duration, default=None, metavar="DURATION",
+                       help="the run's whole time (90s, 30m, 6h, 1h30m): a short probe times the step and the "
+                            "kNN monitor, then the run trains the most epochs that fit, its schedule spanning "
+                            "them (instead of --epochs; a resumed run keeps its plan)")
     run_g.add_argument("--val", default=None, metavar="DIR", help="labelled folder or shards for the kNN monitor")
     run_g.add_argument("--knn-every", type=int, default=DEFAULTS["knn_every"], metavar="EPOCHS",
                        help="epochs between kNN scores")

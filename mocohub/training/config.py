@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..errors import MocohubError
 from .recipes import Recipe, get_recipe
 
 __all__ = ["TrainConfig"]
@@ -33,6 +34,7 @@ class TrainConfig(Recipe):
     resume: str | None = None         # a checkpoint; RUN_DIR/checkpoint.pth.tar is resumed by itself
     restart: bool = False             # set an existing run folder's files aside and start over
     max_steps: int | None = None      # stop (and checkpoint) after this many steps in total
+    time_budget: float | None = None  # seconds for the whole run: the trainer plans the epochs (budget.py)
     log_every: int = 10
     tensorboard: bool = False         # mirror the logged scalars to RUN_DIR/tensorboard
     device: str | None = None
@@ -40,7 +42,10 @@ class TrainConfig(Recipe):
 
     @classmethod
     def from_recipe(cls, recipe: str = "moco-v2", **overrides: Any) -> "TrainConfig":
-        """The recipe's values, then every override that is not None."""
+        """The recipe's values, then every override that is not None. ``time_budget`` plans the
+        epochs, so an ``epochs`` beside it is refused (here: the only place that sees both given)."""
+        if overrides.get("time_budget") is not None and overrides.get("epochs") is not None:
+            raise MocohubError("--epochs and --time-budget both set the run's length: give one of them")
         base = get_recipe(recipe).as_dict()
         base.update({k: v for k, v in overrides.items() if v is not None})
         base["recipe"] = recipe

@@ -17,7 +17,17 @@ from .config import TrainConfig
 from .meter import EpochSums
 from .resume import config_differences
 
-__all__ = ["TrainState"]
+__all__ = ["TrainState", "saved_plan"]
+
+
+def saved_plan(path: Path) -> dict[str, Any] | None:
+    """The ``--time-budget`` plan a mocohub checkpoint keeps (None: no file, no plan, or not a
+    checkpoint, which ``TrainState.restore`` reports), read before the model is built: a resumed
+    run keeps its epochs."""
+    try:
+        return (load_checkpoint(path).get("mocohub") or {}).get("plan") if path.is_file() else None
+    except MocohubError:
+        return None
 
 
 def _official_state_dict(model: MoCo | MoCoV3) -> dict[str, torch.Tensor]:
@@ -29,8 +39,9 @@ class TrainState:
     """Where the run is (epoch, step within it) and the objects a checkpoint captures."""
 
     def __init__(self, cfg: TrainConfig, algo: Algorithm, scaler: torch.amp.GradScaler, *, world: int,
-                 data_id: dict[str, Any], steps_per_epoch: int):
+                 data_id: dict[str, Any], steps_per_epoch: int, plan: dict[str, Any] | None = None):
         self.cfg, self.algo, self.scaler, self.world, self.data_id = cfg, algo, scaler, world, data_id
+        self.plan = plan  # a --time-budget run's plan (budget.make_plan), kept by its checkpoints
         self.steps_per_epoch = steps_per_epoch
         self.epoch = self.step_in_epoch = 0
 
@@ -47,7 +58,7 @@ class TrainState:
             "optimizer": self.algo.optimizer.state_dict(), **model.checkpoint_extras(self.scaler),
             "mocohub": {"config": self.cfg.as_dict(), "data": self.data_id, "scaler": self.scaler.state_dict(),
                         "rng": rng_state(), "step_in_epoch": self.step_in_epoch, "world_size": self.world,
-                        "epoch_sums": sums.as_dict()},
+                        "epoch_sums": sums.as_dict(), "plan": self.plan},
         }
 
     def save(self, path: Path, sums: EpochSums) -> None:

@@ -8,6 +8,8 @@ the MoCo paper: per batch, two views, a step of the encoder, the momentum update
 """
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from ..precision import autocast, resolve_channels_last, resolve_precision
 from ..run_folder import OUTPUTS, RunFolder
 from ..zoo.pretrained import build_config, write_pretrained
 from .algorithms import build_algorithm
+from .budget import fit_schedule, make_plan, measure_or_fixed, plan_line
+from .checkpoint import rng_state, set_rng_state
 from .config import TrainConfig
 from .meter import EpochSums, StepMeter, epoch_line
 from .monitor import sharded_knn
@@ -28,7 +32,7 @@ from .runlog import RunLog
 from .run_dir import RunLock, fresh_run_dir, prepare_run_dir, set_aside
 from .runtime import Runtime
 from .sampler import ResumableSampler
-from .state import TrainState
+from .state import TrainState, saved_plan
 from .stop import StopGuard
 from .sync import broadcast_buffers
 from .validate import validate
@@ -49,7 +53,7 @@ class Trainer:
             raise
 
     def _setup(self, cfg: TrainConfig) -> None:
-        rt = self.rt
+        rt, started = self.rt, time.monotonic()
         self.bn_splits = validate(cfg, rt.world, rt.device)
         self.precision, self.precision_why = resolve_precision(cfg.precision, rt.device)
         self.channels_last = resolve_channels_last(cfg.channels_last, self.precision)
@@ -60,6 +64,38 @@ class Trainer:
                                    barrier=rt.barrier if rt.world > 1 else None)
         self.sampler = ResumableSampler(len(self.input.dataset), cfg.batch_size, num_replicas=rt.world,
                                         rank=rt.rank, seed=cfg.seed)
+        self.plan = self._plan(cfg, started) if cfg.time_budget is not None else None
+        if self.plan is not None:
+            cfg = self.cfg = replace(fit_schedule(cfg, self.plan["epochs"]), time_budget=self.plan["budget_s"])
+        self._build(cfg)
+        self.state = TrainState(cfg, self.algo, self.scaler, world=rt.world, data_id=self.input.fingerprint,
+                                steps_per_epoch=self.sampler.steps, plan=self.plan)
+        self._open_folder()
+        self.guard = StopGuard(rt, self.folder.checkpoint, self.precision)
+
+    def _plan(self, cfg: TrainConfig, started: float) -> dict[str, Any]:
+        """``--time-budget``: the checkpoint's plan when resuming (the run keeps its epochs), else
+        rank 0's from a probe of this run's own step, on a model built again afterwards from the
+        same random state (the run is the one it would have been without the probe)."""
+        resume = Path(cfg.resume) if cfg.resume else None if cfg.restart else self.folder.checkpoint
+        plan = saved_plan(resume) if resume else None
+        if plan is not None:
+            if plan["budget_s"] != cfg.time_budget and self.rt.main:
+                tqdm.write(f"resuming a run that keeps its plan ({plan_line(plan)}): --time-budget "
+                           f"{cfg.time_budget:g} s is ignored")
+            return plan
+        rng, built = rng_state(), time.monotonic()
+        self._build(cfg)
+        build_s = time.monotonic() - built
+        measured = measure_or_fixed(self)
+        set_rng_state(rng)
+        now = time.monotonic()  # the start-up so far, and the second build to come
+        plan = make_plan(cfg, self.sampler.steps, measured, spent_s=now - started + build_s, probe_s=now - built)
+        return self.rt.broadcast(plan if self.rt.main else None)
+
+    def _build(self, cfg: TrainConfig) -> None:
+        """The model, its optimiser and schedules (over ``cfg.epochs``), the scaler and the DDP wrapper."""
+        rt = self.rt
         # SyncBatchNorm (MoCo v3 under DDP, as the official) needs CUDA tensors: on gloo/CPU each
         # process normalises its own batch with plain BN
         self.algo = build_algorithm(cfg, steps_per_epoch=self.sampler.steps, bn_splits=self.bn_splits,
@@ -75,10 +111,6 @@ class Trainer:
         if rt.world > 1:
             self.net = DistributedDataParallel(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda"
                                                else None)
-        self.state = TrainState(cfg, self.algo, self.scaler, world=rt.world, data_id=self.input.fingerprint,
-                                steps_per_epoch=self.sampler.steps)
-        self._open_folder()
-        self.guard = StopGuard(rt, self.folder.checkpoint, self.precision)
 
     def _open_folder(self) -> None:
         """Rank 0 takes the folder (nothing is written before every check above has passed), sets an
@@ -115,7 +147,7 @@ class Trainer:
                 "aug_device": str(self.input.aug_device), "bn_splits": self.bn_splits,
                 "steps_per_epoch": self.sampler.steps, "images": len(self.input.dataset),
                 "cache_images": self.cfg.cache_images, "image_cache": self.input.dataset.cache_note,
-                "moco_version": self.cfg.moco_version, "recipe": self.cfg.recipe}
+                "moco_version": self.cfg.moco_version, "recipe": self.cfg.recipe, "plan": self.plan}
 
     # read by tests and tools: the choices, under their earlier names
     aug_impl = property(lambda self: self.input.aug_impl)
@@ -165,6 +197,8 @@ class Trainer:
                                     arch=cfg.arch, data=cfg.data, image_size=cfg.image_size,
                                     batch_size=cfg.batch_size, run_dir=self.folder.root):
                 tqdm.write(line)
+            if self.plan is not None:
+                tqdm.write(plan_line(self.plan))
         try:
             with self.guard:
                 while not self._finished():

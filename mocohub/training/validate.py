@@ -86,6 +86,8 @@ def _check_counts(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise MocohubError(f"{flag(name)} {value}: must be a whole number of at least 1")
+    if cfg.time_budget is not None and not cfg.time_budget > 0:
+        raise MocohubError(f"--time-budget {cfg.time_budget} s: must be more than 0 (e.g. 90s, 30m, 6h)")
     if cfg.workers is not None and cfg.workers < 0:
         raise MocohubError(f"--workers {cfg.workers}: must be 0 (load in the training process) or more")
 
