@@ -8,56 +8,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
-from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-
-from ..backbones import create_resnet
-from ..data.augment import CIFAR_MEAN, CIFAR_STD
-from ..data.folder import ImageFolder, collate_images
-from ..data.synthetic import make_dataset
-from ..evaluation.knn import knn_evaluate
-from ..jsonlog import read_jsonl
-from ..precision import PRECISION_CHOICES, resolve_precision
-from ..run_folder import RunFolder
-from ..training.config import TrainConfig
-from ..training.trainer import train
-from ..zoo import from_pretrained, transform_for
-from ..zoo.pretrained import add_facts, pretrained_cfg_for
+from ..precision import PRECISION_CHOICES
 from .output import add_json_flag, emit
 
 __all__ = ["add_parser", "run"]
 
-ARCH, SIZE = "test_resnet", 32  # timm's smallest ResNet (4 stages of one block, 96 features), at full image size
 # Epochs that fit well inside 3 minutes on 2 cores: an epoch of the 1,000 images took 4 s on an AVX2-only CPU in fp32
 # (about 8 s on the slowest such machine we met, where emulated bf16 is 10x slower still) and 1.5 s in bf16 on an AMX one.
 EPOCHS_NATIVE_BF16, EPOCHS_FP32 = 30, 17
-
-
-def _loader(model: torch.nn.Module, folder: Path) -> DataLoader:
-    """The folder's images, preprocessed as ``model`` expects for evaluation."""
-    return DataLoader(ImageFolder(folder, transform_for(model), on_error="skip"), batch_size=256,
-                      collate_fn=collate_images)
-
-
-def _knn_top1(model: torch.nn.Module, train_dir: Path, val_dir: Path) -> float:
-    return knn_evaluate(model, _loader(model, train_dir), _loader(model, val_dir))["top1"]
-
-
-@torch.no_grad()
-def _fit_batchnorm(model: torch.nn.Module, train_dir: Path) -> None:
-    """Give the random network BN statistics of the training images, as training gives the trained
-    one: otherwise part of the gap would come from the statistics alone, not from learning."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the pass
-    model.train()
-    for batch in _loader(model, train_dir):
-        model(batch.images)
-    model.eval()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -77,50 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .demo_work import demo  # torch: imported when the demo runs
+
     # under --json the demo's own lines go to stderr, so stdout is the one result object
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result, human = _demo(args)
+        result, human = demo(args)
     emit(result, human, args.json)
     return 0
-
-
-def _demo(args: argparse.Namespace) -> tuple[dict, str]:
-    out = Path(args.out)
-    start = time.perf_counter()
-    precision, _ = resolve_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
-    epochs = args.epochs or (EPOCHS_NATIVE_BF16 if precision == "bf16" else EPOCHS_FP32)
-    train_dir, val_dir = make_dataset(out / "data", train_per_class=args.images_per_class,
-                                      val_per_class=max(10, args.images_per_class // 4))
-    print(f"generated 10 classes of 32x32 shapes under {out / 'data'}; training at {SIZE}x{SIZE}")
-    torch.manual_seed(0)
-    random_init = create_resnet(ARCH, stem="cifar")
-    random_init.pretrained_cfg = pretrained_cfg_for(SIZE, CIFAR_MEAN, CIFAR_STD)
-    _fit_batchnorm(random_init, train_dir)
-    baseline = _knn_top1(random_init, train_dir, val_dir)
-    # The CIFAR demo recipe with MoCo v2's MLP head and T=0.2, sized for a thousand images: batch 64 (more
-    # steps per epoch learnt more per second than 128; 32 learnt less), lr 0.06, and a queue (512) smaller than the
-    # dataset so no image is its own negative.
-    cfg = TrainConfig.from_recipe("cifar", data=str(train_dir), out=str(out / "run"), epochs=epochs, arch=ARCH,
-                                  batch_size=64, lr=0.06, moco_k=512, mlp=True, moco_t=0.2, image_size=SIZE,
-                                  precision=args.precision, workers=args.workers, restart=True,
-                                  val=str(val_dir), knn_every=max(1, epochs // 3))
-    exported = train(cfg)
-    model = from_pretrained(str(exported))
-    trained = _knn_top1(model, train_dir, val_dir)
-    add_facts(exported, knn_top1_backbone=round(trained, 2))  # the card shows the figure printed here
-    monitor = read_jsonl(RunFolder(exported.parent).metrics)[-1]["knn_top1"]
-    with torch.no_grad():
-        embedding = model(torch.randn(4, 3, SIZE, SIZE))
-    seconds = time.perf_counter() - start
-    human = "\n".join([
-        f"\nkNN top-1 on {val_dir} of the backbone features (what from_pretrained returns; k=200, t=0.1):",
-        f"  random init          {baseline:5.1f}%   (BN statistics of the training images)",
-        f"  MoCo, {epochs:3d} epochs     {trained:5.1f}%   ({trained - baseline:+.1f} points)",
-        f"(the epoch lines' kNN, {monitor:.1f} % at the end, scores the query encoder's {cfg.moco_dim}-d projection "
-        "output, as the official CIFAR demo does)",
-        f"mocohub.from_pretrained({str(exported)!r}) -> embeddings of shape {tuple(embedding.shape)}",
-        f"done in {seconds:.0f} s; metrics in {RunFolder(exported.parent).metrics}"])
-    result = {"random_init_top1": baseline, "trained_top1": trained, "gain": trained - baseline,
-              "monitor_knn_top1": monitor, "epochs": epochs, "seconds": seconds, "backbone": str(exported),
-              "embedding_shape": list(embedding.shape)}
-    return result, human

@@ -5,7 +5,7 @@ import argparse
 import re
 import time
 
-from ..data.shards import DEFAULT_SHARD_BYTES, write_shards
+from ..data.shards import DEFAULT_SHARD_BYTES
 from .output import add_json_flag, count, duration, emit
 
 __all__ = ["add_parser", "build_parser", "parse_size", "run"]
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.shards import write_shards  # numpy, PIL: imported when the shards are written
+
     start = time.perf_counter()
     result = write_shards(args.data, args.out, shard_bytes=args.shard_size, progress=not args.json)
     seconds = time.perf_counter() - start
