@@ -130,6 +130,8 @@ class ImageCache:
     With ``file`` the buffer (index, then pixels) is that file, mapped shared, for other
     processes to ``attach``; without it, an anonymous shared-memory tensor. ``open_image(i)``
     gives what to decode for image i (default ``paths[i]``; e.g. a shard member's bytes).
+    Threads over chunks of images read the sizes from the headers, then decode (``decode_rgb``:
+    an RGB JPEG by libjpeg directly) into each image's slot of the buffer.
     """
 
     def __init__(self, paths: Sequence[str], budget: int, *, file: str | None = None,
