@@ -329,3 +329,19 @@ def test_cli_writes_and_prints_the_pattern(folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["shards", "a", "b", "--shard-size", "1XB"])
     assert exit_.value.code == 2
+
+
+def test_training_on_shards_killed_and_resumed_equals_the_folder_run(tmp_path):
+    from mocohub.data.synthetic import make_dataset
+    from mocohub.training import TrainConfig, train
+    train_dir, val_dir = make_dataset(tmp_path / "data", train_per_class=4, val_per_class=2, size=16)
+    pattern = write_shards(train_dir, tmp_path / "shards", shard_bytes=2000)["pattern"]
+    val = write_shards(val_dir, tmp_path / "shards", shard_bytes=2000)["pattern"]
+    base = dict(image_size=16, batch_size=8, moco_k=32, workers=0, progress=False, log_every=1, epochs=2,
+                seed=3, arch="test_resnet")
+    train(TrainConfig.from_recipe("cifar", data=str(train_dir), out=str(tmp_path / "folder"), **base))
+    train(TrainConfig.from_recipe("cifar", data=pattern, out=str(tmp_path / "split"), max_steps=3, **base))
+    train(TrainConfig.from_recipe("cifar", data=pattern, out=str(tmp_path / "split"), val=val,
+                                  **{**base, "workers": 2}))
+    losses = lambda run: [json.loads(l)["loss"] for l in (run / "steps.jsonl").read_text().splitlines()]
+    assert losses(tmp_path / "split") == losses(tmp_path / "folder")

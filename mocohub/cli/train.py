@@ -86,7 +86,8 @@ RECIPE_FLAGS = {
 # what a flag means where the generations differ, ahead of its recipe defaults
 NOTES = {
     "arch": "v1/v2: a ResNet; v3: a ResNet, vit_small, vit_base or a timm vit_* name (e.g. test_vit); ",
-    "lr": "v1/v2: the lr of --batch-size; v3: the base lr for 256 images, used x batch/256 (main_moco.py); ",
+    "lr": "v1/v2: the lr of --batch-size (unset: the recipe's, scaled linearly to --batch-size); v3: the base lr "
+          "for 256 images, used x batch/256 (main_moco.py); ",
     "schedule": "v1/v2 (v3: warmup, then a per-iteration half-cosine); ",
     "moco_k": "v1/v2 queue size (v3 has no queue: 0); ",
     "moco_m": "v3 with --moco-m-cos: the starting value; ",
@@ -128,6 +129,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     hp.add_argument("--bn-splits", type=int, default=None,
                     help="BN sub-batches per process (Shuffle BN on one device); default: bn-groups / processes, "
                          "fewer if groups would drop below 32 images")
+    hp.add_argument("--allow-large-queue", action="store_true",
+                    help="v1/v2: train with a --moco-k larger than the number of training images (refused "
+                         "otherwise: queries would meet their own image among the negatives)")
     hp.add_argument("--lr-per-iteration", action="store_true",
                     help="v1/v2: update the schedule every step instead of every epoch (v3 always does, as its "
                          "official code)")

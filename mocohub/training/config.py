@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import MocohubError
+from .data_checks import linear_scaling_lr
 from .recipes import Recipe, get_recipe
 
 __all__ = ["TrainConfig"]
@@ -18,6 +19,7 @@ class TrainConfig(Recipe):
     out: str = ""                     # empty: a fresh folder runs/<recipe>-<arch>-<time>
     recipe: str = "moco-v2"
     bn_splits: int | None = None      # per rank; None: bn_groups // world_size
+    allow_large_queue: bool = False   # v1/v2: train with more queue keys than images (data_checks.py)
     lr_per_iteration: bool = False
     precision: str = "auto"           # bf16 where the hardware has it natively, else fp32
     channels_last: bool | None = None  # None: NHWC with bf16/fp16
@@ -42,12 +44,15 @@ class TrainConfig(Recipe):
 
     @classmethod
     def from_recipe(cls, recipe: str = "moco-v2", **overrides: Any) -> "TrainConfig":
-        """The recipe's values, then every override that is not None. ``time_budget`` plans the
-        epochs, so an ``epochs`` beside it is refused (here: the only place that sees both given)."""
+        """The recipe's values, then every override that is not None; v1/v2 without an ``lr``: the
+        recipe's, scaled linearly to the batch (``data_checks.linear_scaling_lr``). ``time_budget``
+        plans the epochs, so an ``epochs`` beside it is refused (here: the only place that sees both given)."""
         if overrides.get("time_budget") is not None and overrides.get("epochs") is not None:
             raise MocohubError("--epochs and --time-budget both set the run's length: give one of them")
         base = get_recipe(recipe).as_dict()
         base.update({k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("lr") is None and base["moco_version"] != "v3":  # v3 scales by batch/256 itself
+            base["lr"] = linear_scaling_lr(get_recipe(recipe), base["batch_size"])
         base["recipe"] = recipe
         base["lr_steps"] = tuple(base["lr_steps"])
         return cls(**{f.name: base[f.name] for f in fields(cls) if f.name in base})

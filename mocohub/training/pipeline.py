@@ -17,6 +17,7 @@ from ..errors import MocohubError
 from ..zoo.pretrained import pretrained_cfg_for
 from ..zoo.transforms import transform_for
 from .config import TrainConfig
+from .data_checks import check_data, knn_classes_refusal
 from .resume import data_fingerprint
 
 __all__ = ["InputPipeline", "choose_augmentation"]
@@ -62,15 +63,17 @@ class InputPipeline:
         self.views = views if batched else None  # the batch half of the batched views
         self.dataset = open_images(cfg.data, views, seed=cfg.seed, cache_images=cfg.cache_images,
                                    cache_barrier=barrier)
+        self.checks = check_data(cfg, len(self.dataset))  # the settings against the data (data_checks.py)
+        if self.checks.refusal:
+            raise MocohubError(self.checks.refusal)
+        for warning in self.checks.warnings:
+            warnings.warn(warning, stacklevel=4)
         self.workers = self._choose_workers()
         # relative names: a moved folder, or the shards written from it, fingerprint the same
         self.fingerprint = data_fingerprint(self.dataset.root, (p for p, _ in self.dataset.samples))
         # evaluation preprocessing: the recipe's normalisation at the training crop size
         self.eval_cfg = pretrained_cfg_for(cfg.image_size, *AUGMENTATIONS[cfg.aug][2])
         self.knn_sets = self._knn_datasets() if cfg.val else None
-        if len(self.dataset) < cfg.batch_size:
-            raise MocohubError(f"{cfg.data} has {len(self.dataset)} images, fewer than one batch of "
-                               f"{cfg.batch_size}: lower --batch-size (v1/v2: and --moco-k to a multiple of it)")
 
     def _choose_workers(self) -> int:
         """Auto: no loader processes on a CPU whose batched views come from cached images (workers
@@ -88,15 +91,9 @@ class InputPipeline:
             warnings.simplefilter("ignore")
             bank = open_images(cfg.data, transform, on_error="skip")
         val = open_images(cfg.val, transform, on_error="skip")
-        if not bank.classes:
-            raise MocohubError(f"--val needs labelled training images for the kNN bank: put {cfg.data}'s "
-                               "images in class sub-folders, or drop --val")
-        if not val.classes:
-            raise MocohubError(f"--val {cfg.val} has no class sub-folders: the kNN monitor needs "
-                               "DIR/<class>/<image> with the training folder's classes")
-        if bank.classes != val.classes:
-            raise MocohubError(f"--val {cfg.val} has classes {val.classes[:5]}..., the training folder "
-                               f"{bank.classes[:5]}...: the kNN monitor needs the same class sub-folders")
+        refusal = knn_classes_refusal(cfg.val, bank.classes, val.classes, cfg.data)
+        if refusal:
+            raise MocohubError(refusal)
         return bank, val
 
     def loader(self, dataset: Dataset, sampler: Sampler | None, batch_size: int, *, epoch: int,

@@ -195,7 +195,7 @@ class Trainer:
         if self.rt.main:
             for line in start_lines(self.record, summary=self.algo.summary, batch_norm=self.algo.batch_norm,
                                     arch=cfg.arch, data=cfg.data, image_size=cfg.image_size,
-                                    batch_size=cfg.batch_size, run_dir=self.folder.root):
+                                    batch_size=cfg.batch_size, run_dir=self.folder.root) + self.input.checks.lines:
                 tqdm.write(line)
             if self.plan is not None:
                 tqdm.write(plan_line(self.plan))
