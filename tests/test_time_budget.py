@@ -17,6 +17,7 @@ from mocohub.data.synthetic import make_dataset
 from mocohub.errors import MocohubError
 from mocohub.training import TrainConfig, Trainer, train
 from mocohub.training.budget import STEP_SECONDS_ENV, fit_schedule, parse_duration, plan_epochs, plan_line
+from mocohub.training.optim import scaled_lr, v3_lr, v3_momentum
 
 TINY = dict(image_size=16, batch_size=8, moco_k=8, workers=0, progress=False, log_every=1, arch="test_resnet",
             precision="fp32")
@@ -130,6 +131,22 @@ def test_a_resumed_budgeted_run_keeps_its_plan_and_ends_where_the_whole_run_does
     assert len(whole_rows) == 15 and [r["loss"] for r in cut_rows] == [r["loss"] for r in whole_rows]
     assert [r["lr"] for r in cut_rows] == [r["lr"] for r in whole_rows]
     assert json.loads((cut / "run.json").read_text())["plan"]["epochs"] == 3
+
+
+def test_a_v3_budget_spans_warmup_cosine_and_m_cos_over_the_planned_epochs(data, tmp_path, monkeypatch):
+    monkeypatch.setenv(STEP_SECONDS_ENV, "0.1")  # 2.5 s of 0.5 s epochs: 5 epochs, warmup 40/200 of them: 1
+    run = tmp_path / "v3"
+    train(TrainConfig.from_recipe("cifar-v3", data=data, out=str(run), time_budget=2.5, moco_m_cos=True,
+                                  warmup_epochs=40, **{**TINY, "moco_k": None}))
+    cfg = TrainConfig.from_recipe("cifar-v3", batch_size=8)
+    rows, steps = _rows(run / "steps.jsonl"), 5 * 5
+    assert [r["step"] for r in rows] == list(range(steps))
+    peak = scaled_lr(cfg.lr, 8)
+    for row in (rows[2], rows[-1]):  # in the 1-epoch warmup, and the last step of the half-cosine
+        epoch = row["step"] / 5
+        assert row["lr"] == pytest.approx(v3_lr(epoch, 5, 1, peak))
+        assert row["moco_m"] == pytest.approx(v3_momentum(epoch, 5, cfg.moco_m))
+    assert rows[-1]["lr"] < 0.01 * peak and rows[-1]["moco_m"] > 0.9999
 
 
 def _free_port() -> int:
