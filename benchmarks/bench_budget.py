@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{result['machine']['cpu_capability']} ({record['precision']})")
     plot(curve, random_top1, trained_top1, title, args.out / "budget_curve.png")
     print(f"| {args.budget} | {result['machine']['cpu_capability']} {record['precision']} | {plan['epochs']} epochs "
-          f"of {plan['steps_per_epoch']:,} steps | {wall_s / 60:.1f} min | {trained_top1:.1f} % | {random_top1:.1f} % |")
+          f"of {plan['steps_per_epoch']:,} steps | {wall_s / 60:.1f} min | {trained_top1:.1f} % "
+          f"| {random_top1:.1f} % |")
     print(f"results: {args.out / 'results.json'}, plot: {args.out / 'budget_curve.png'}")
     return 0
 

@@ -125,7 +125,8 @@ def _epoch_end_seconds(trainer: Any) -> float:
 def probe(trainer: Any) -> dict[str, float]:
     """Seconds per step (steady, loading included), per epoch (its loader's start and its end), per
     kNN pass, and the first steps' extra (compilation, allocator, autotuning: paid again by the run),
-    timed on the trainer's model with its real step. Every rank takes the same number of steps (the step is collective)."""
+    timed on the trainer's model with its real step. Every rank takes the same number of steps (the
+    step is collective)."""
     trainer.net.train()
     marks, epoch_s, start = [], [], time.perf_counter()
     batches = _batches(trainer)
