@@ -32,6 +32,7 @@ from ablation_report import machine  # noqa: E402
 
 from mocohub.backbones import create_resnet  # noqa: E402
 from mocohub.data.folder import ImageFolder, collate_images  # noqa: E402
+from mocohub.evaluation.batchnorm import fit_batchnorm  # noqa: E402
 from mocohub.evaluation.knn import knn_evaluate  # noqa: E402
 from mocohub.jsonlog import read_jsonl  # noqa: E402
 from mocohub.run_folder import RunFolder  # noqa: E402
@@ -48,24 +49,12 @@ def _loader(model: torch.nn.Module, folder: Path) -> DataLoader:
 
 
 @torch.no_grad()
-def fit_batchnorm(model: torch.nn.Module, folder: Path) -> None:
-    """BN statistics of ``folder``'s images, as training gives the trained network."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the pass
-    model.train()
-    for batch in _loader(model, folder):
-        model(batch.images)
-    model.eval()
-
-
 def random_baseline(trained: torch.nn.Module, train: Path, val: Path, arch: str, stem: str) -> float:
     """kNN top-1 of the trained network's architecture, randomly initialised, BN fitted."""
     torch.manual_seed(0)
     model = create_resnet(arch, stem=stem)
     model.pretrained_cfg = trained.pretrained_cfg
-    fit_batchnorm(model, train)
+    fit_batchnorm(model, (batch.images for batch in _loader(model, train)))
     return knn_evaluate(model, _loader(model, train), _loader(model, val))["top1"]
 
 

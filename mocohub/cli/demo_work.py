@@ -12,11 +12,13 @@ from ..backbones import create_resnet
 from ..data.augment import CIFAR_MEAN, CIFAR_STD
 from ..data.folder import ImageFolder, collate_images
 from ..data.synthetic import make_dataset
+from ..evaluation.batchnorm import fit_batchnorm
 from ..evaluation.knn import knn_evaluate
 from ..jsonlog import read_jsonl
 from ..precision import resolve_precision
 from ..run_folder import RunFolder
 from ..training.config import TrainConfig
+from ..training.data_checks import sensible_queue
 from ..training.trainer import train
 from ..zoo import from_pretrained, transform_for
 from ..zoo.pretrained import add_facts, pretrained_cfg_for
@@ -25,6 +27,7 @@ from .demo import EPOCHS_FP32, EPOCHS_NATIVE_BF16
 __all__ = ["demo"]
 
 ARCH, SIZE = "test_resnet", 32  # timm's smallest ResNet (4 stages of one block, 96 features), at full image size
+BATCH = 64
 
 
 def _loader(model: torch.nn.Module, folder: Path) -> DataLoader:
@@ -35,20 +38,6 @@ def _loader(model: torch.nn.Module, folder: Path) -> DataLoader:
 
 def _knn_top1(model: torch.nn.Module, train_dir: Path, val_dir: Path) -> float:
     return knn_evaluate(model, _loader(model, train_dir), _loader(model, val_dir))["top1"]
-
-
-@torch.no_grad()
-def _fit_batchnorm(model: torch.nn.Module, train_dir: Path) -> None:
-    """Give the random network BN statistics of the training images, as training gives the trained
-    one: otherwise part of the gap would come from the statistics alone, not from learning."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the pass
-    model.train()
-    for batch in _loader(model, train_dir):
-        model(batch.images)
-    model.eval()
 
 
 def demo(args: argparse.Namespace) -> tuple[dict, str]:
@@ -63,13 +52,14 @@ def demo(args: argparse.Namespace) -> tuple[dict, str]:
     torch.manual_seed(0)
     random_init = create_resnet(ARCH, stem="cifar")
     random_init.pretrained_cfg = pretrained_cfg_for(SIZE, CIFAR_MEAN, CIFAR_STD)
-    _fit_batchnorm(random_init, train_dir)
+    fit_batchnorm(random_init, (batch.images for batch in _loader(random_init, train_dir)))
     baseline = _knn_top1(random_init, train_dir, val_dir)
     # The CIFAR demo recipe with MoCo v2's MLP head and T=0.2, sized for a thousand images: batch 64 (more
-    # steps per epoch learnt more per second than 128; 32 learnt less), lr 0.06, and a queue (512) smaller than the
-    # dataset so no image is its own negative.
+    # steps per epoch learnt more per second than 128; 32 learnt less), lr 0.06, and the queue within the share
+    # of the images that the data checks allow (training/data_checks.py: 64 keys of 1,000 images).
+    queue = sensible_queue(10 * args.images_per_class, BATCH)
     cfg = TrainConfig.from_recipe("cifar", data=str(train_dir), out=str(out / "run"), epochs=epochs, arch=ARCH,
-                                  batch_size=64, lr=0.06, moco_k=512, mlp=True, moco_t=0.2, image_size=SIZE,
+                                  batch_size=BATCH, lr=0.06, moco_k=queue, mlp=True, moco_t=0.2, image_size=SIZE,
                                   precision=args.precision, workers=args.workers, restart=True,
                                   val=str(val_dir), knn_every=max(1, epochs // 3))
     exported = train(cfg)
