@@ -129,6 +129,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     hp.add_argument("--bn-splits", type=int, default=None,
                     help="BN sub-batches per process (Shuffle BN on one device); default: bn-groups / processes, "
                          "fewer if groups would drop below 32 images")
+    hp.add_argument("--micro-batch", type=int, default=None, metavar="N",
+                    help="compute each process's share of --batch-size in chunks of N images (activation memory "
+                         "follows N; --batch-size keeps its meaning): v1/v2 accumulate the chunks' gradients, v3 "
+                         "caches the features' gradient over the whole batch (one more backbone forward per step). "
+                         "BatchNorm backbones normalise per chunk (v1/v2: --bn-splits within it), as each GPU does "
+                         "without SyncBN; a ViT gets exactly the whole batch's gradient")
     hp.add_argument("--allow-large-queue", action="store_true",
                     help="v1/v2: train with a --moco-k larger than the number of training images (refused "
                          "otherwise: queries would meet their own image among the negatives)")

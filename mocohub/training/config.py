@@ -20,6 +20,7 @@ class TrainConfig(Recipe):
     recipe: str = "moco-v2"
     bn_splits: int | None = None      # per rank; None: bn_groups // world_size
     allow_large_queue: bool = False   # v1/v2: train with more queue keys than images (data_checks.py)
+    micro_batch: int | None = None    # images per forward/backward chunk of each process's batch
     lr_per_iteration: bool = False
     precision: str = "auto"           # bf16 where the hardware has it natively, else fp32
     channels_last: bool | None = None  # None: NHWC with bf16/fp16

@@ -25,6 +25,7 @@ from .budget import fit_schedule, make_plan, measure_or_fixed, plan_line
 from .checkpoint import rng_state, set_rng_state
 from .config import TrainConfig
 from .meter import EpochSums, StepMeter, epoch_line
+from .microbatch import micro_step
 from .monitor import sharded_knn
 from .pipeline import InputPipeline
 from .record import start_lines, write_record
@@ -157,14 +158,21 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def step(self, im_q: torch.Tensor, im_k: torch.Tensor, m: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step of either generation: InfoNCE of the two views, SGD (or LARS/AdamW)
-        on the query encoder; the key encoder's momentum update with ``m`` is inside the model."""
-        with autocast(self.rt.device, self.precision):
-            loss, logits, labels = self.algo.forward(self.net, im_q, im_k, m)
+        on the query encoder; the key encoder's momentum update with ``m`` is inside the model.
+        With ``--micro-batch`` the forward and backward go in chunks (``microbatch.micro_step``)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if self.cfg.micro_batch:
+            loss, acc = micro_step(self.model, im_q, im_k, m, self.cfg.micro_batch,
+                                   backward=lambda t: self.scaler.scale(t).backward(),
+                                   autocast=lambda: autocast(self.rt.device, self.precision))
+        else:
+            with autocast(self.rt.device, self.precision):
+                loss, logits, labels = self.algo.forward(self.net, im_q, im_k, m)
+            self.scaler.scale(loss).backward()
+            acc = (logits.argmax(dim=1) == labels).float().mean()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.detach(), (logits.argmax(dim=1) == labels).float().mean().detach()
+        return loss.detach(), acc.detach()
 
     def _train_epoch(self) -> bool:
         """Train to the end of the epoch or an agreed stop; whether the epoch ended."""

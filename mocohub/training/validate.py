@@ -41,7 +41,7 @@ _V3_ONLY = {"optimizer": "--optimizer", "warmup_epochs": "--warmup-epochs", "moc
             "mlp_dim": "--mlp-dim", "stop_grad_conv1": "--stop-grad-conv1", "patch_size": "--patch-size"}
 # counts that must be at least 1 (None: unset, where the field allows it)
 _POSITIVE = ("epochs", "batch_size", "image_size", "moco_dim", "mlp_dim", "bn_groups", "log_every", "knn_every",
-             "knn_k", "max_steps", "bn_splits", "patch_size")
+             "knn_k", "max_steps", "bn_splits", "patch_size", "micro_batch")
 
 
 def flag(name: str) -> str:
@@ -163,7 +163,8 @@ def check_generation(cfg: Recipe, per_rank: int) -> None:
 
 def bn_splits_for(cfg: TrainConfig, world: int) -> int:
     """BN sub-batches per process: v3 normalises over each process's batch (1); v1/v2 over
-    ``bn_groups`` groups of the global batch, of at least 32 images each (the official 8 GPUs x 32)."""
+    ``bn_groups`` groups of the global batch, of at least 32 images each (the official 8 GPUs x 32).
+    With ``--micro-batch`` the chunk is the BN unit: the splits are the chunk's (``microbatch``)."""
     per_rank = cfg.batch_size // world
     if cfg.moco_version == "v3":
         if cfg.bn_splits is not None:
@@ -175,11 +176,13 @@ def bn_splits_for(cfg: TrainConfig, world: int) -> int:
         why = "twice the global batch size (--symmetric)" if cfg.symmetric else "the global batch size"
         raise MocohubError(f"--moco-k {cfg.moco_k} must be divisible by {why} {enqueued} (the queue advances "
                            "by the keys of a whole step)")
+    unit = cfg.micro_batch or per_rank
     if cfg.bn_splits is None:
-        target = max(1, cfg.bn_groups // world)
-        return max(d for d in range(1, target + 1) if per_rank % d == 0 and (d == 1 or per_rank // d >= 32))
-    if per_rank % cfg.bn_splits:
-        raise MocohubError(f"the per-process batch {per_rank} is not divisible by {cfg.bn_splits} BN "
+        target = max(1, cfg.bn_groups // world // (per_rank // unit))
+        return max(d for d in range(1, target + 1) if unit % d == 0 and (d == 1 or unit // d >= 32))
+    if unit % cfg.bn_splits:
+        what = f"micro-batch {unit}" if cfg.micro_batch else f"per-process batch {unit}"
+        raise MocohubError(f"the {what} is not divisible by {cfg.bn_splits} BN "
                            "splits: set --bn-splits to a divisor of it")
     return cfg.bn_splits
 
@@ -193,6 +196,10 @@ def validate(cfg: TrainConfig, world: int, device: torch.device | None = None) -
         raise MocohubError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by "
                            f"the {world} processes")
     check_generation(cfg, cfg.batch_size // world)
+    if cfg.micro_batch and (cfg.batch_size // world) % cfg.micro_batch:
+        raise MocohubError(f"--micro-batch {cfg.micro_batch} does not divide the per-process batch "
+                           f"{cfg.batch_size // world} (--batch-size {cfg.batch_size} over {world} process(es)): "
+                           "use a divisor of it")
     if cfg.compile and device is not None:
         refusal = compile_refusal(device.type, available_compilers())
         if refusal:
