@@ -112,11 +112,11 @@ def test_v1v2_chunked_step_equals_the_whole_batch_with_the_same_bn_groups(symmet
 COMMON = ["--batch-size", str(BATCH), "--workers", "0", "--no-progress", "--log-every", "1",
           "--precision", "fp32", "--epochs", "2", "--max-steps", "3"]
 ARGS = {
-    "vit": ["--recipe", "moco-v3-vit", "--arch", "test_vit", "--image-size", "32", "--patch-size", "8", "--warmup-epochs", "0",
-            "--mlp-dim", "64", "--moco-dim", "32", "--optimizer", "lars", "--lr", "0.6"],
+    "vit": ["--recipe", "moco-v3-vit", "--arch", "test_vit", "--image-size", "32", "--patch-size", "8",
+            "--warmup-epochs", "0", "--mlp-dim", "64", "--moco-dim", "32", "--optimizer", "lars", "--lr", "0.6"],
     # 4 BN splits of 64 without chunks, 1 per chunk of 16: the same groups (see the float64 test)
-    "v2": ["--recipe", "cifar", "--arch", "test_resnet", "--image-size", "16", "--moco-k", "256", "--shuffle-bn", "false",
-           "--symmetric", "true", "--mlp", "true"],
+    "v2": ["--recipe", "cifar", "--arch", "test_resnet", "--image-size", "16", "--moco-k", "256",
+           "--shuffle-bn", "false", "--symmetric", "true", "--mlp", "true"],
 }
 SPLITS = {"vit": ([], []), "v2": (["--bn-splits", "4"], ["--bn-splits", "1"])}
 # fp32 through the trainer: BN over groups of 16 maps of 1 x 1 at layer4 amplifies rounding step by step
@@ -128,7 +128,8 @@ NOISE = {"vit": 1e-5, "v2": 1e-3}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"), train_per_class=26, val_per_class=1, size=32)[0]  # K 256 <= 260
+    # 260 images: the queue of 256 is within them (more keys than images is refused)
+    return make_dataset(tmp_path_factory.mktemp("data"), train_per_class=26, val_per_class=1, size=32)[0]
 
 
 def _train(data: Path, out: Path, *args: str) -> int:
@@ -149,7 +150,8 @@ def runs(data, tmp_path_factory):
     step and resumed."""
     out = {}
     for name, args in ARGS.items():
-        whole, chunked, resumed = (tmp_path_factory.mktemp(f"{name}-{kind}") for kind in ("whole", "chunked", "resumed"))
+        whole, chunked, resumed = (tmp_path_factory.mktemp(f"{name}-{kind}")
+                                   for kind in ("whole", "chunked", "resumed"))
         plain, micro = SPLITS[name]
         assert _train(data, whole, *args, *plain) == 0
         assert _train(data, chunked, *args, *micro, "--micro-batch", str(MICRO)) == 0
