@@ -16,12 +16,12 @@ import warnings
 import torch
 
 from .errors import MocohubError
+from .precision_names import PRECISION_CHOICES, PRECISION_NAMES
 
 __all__ = ["PRECISIONS", "PRECISION_CHOICES", "autocast", "resolve_precision", "resolve_channels_last",
            "auto_precision", "native_bf16", "cuda_auto_precision", "cpu_auto_precision", "cpu_flags"]
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISION_CHOICES = ("auto", *PRECISIONS)
+PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16)))
 NATIVE_BF16_FLAGS = (("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16"))  # /proc/cpuinfo flag, name
 
 

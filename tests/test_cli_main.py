@@ -55,12 +55,12 @@ def test_an_interrupted_training_says_the_command_that_resumes_it(monkeypatch, t
 
 
 def test_an_interrupted_extraction_says_how_to_continue(monkeypatch, tmp_path, capsys):
-    from mocohub.cli import evaluate
+    from mocohub.zoo import loading
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluate, "from_pretrained", stop)
+    monkeypatch.setattr(loading, "from_pretrained", stop)  # extract imports it when it runs
     out = tmp_path / "e.safetensors"
     assert main(["extract", "moco-r50", str(tmp_path), str(out)]) == 130
     assert capsys.readouterr().err == (f"mocohub extract: interrupted; continue with: "

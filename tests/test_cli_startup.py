@@ -21,9 +21,14 @@ def heavy_imports(*argv: str) -> list[str]:
     return out[1:-2]
 
 
-# Still imported through constants the parsers read from torch modules (precision, data.folder,
-# training.validate, backbones, zoo.pretrained, ...): /tmp/coord/requests-H10-cli.md lists the moves.
-@pytest.mark.xfail(strict=True, reason="the parsers' constants still live in torch modules (requests-H10-cli.md)")
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["list"], ["info", "moco-r50"]])
 def test_help_list_and_info_of_a_zoo_name_import_no_torch(argv):
     assert heavy_imports(*argv) == []
+
+
+def test_the_augmentation_names_a_parser_lists_are_those_augment_builds():
+    """Listed apart from augment.py so the parser needs no torchvision: the two must agree."""
+    from mocohub.data.augment import AUGMENTATIONS
+    from mocohub.data.augment_names import AUGMENTATION_NAMES
+
+    assert AUGMENTATION_NAMES == tuple(AUGMENTATIONS)

@@ -6,15 +6,9 @@ from typing import Any
 import timm
 import torch.nn as nn
 
-__all__ = ["RESNET_ARCHS", "STEMS", "create_resnet", "apply_cifar_stem"]
+from .names import RESNET_ARCHS, STEMS
 
-RESNET_ARCHS = (
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
-    # timm's small ResNets (a "deep" 3-conv stem, one block per stage): for CPU demos and studies
-    "resnet10t", "test_resnet",
-)
-STEMS = ("imagenet", "cifar")
+__all__ = ["RESNET_ARCHS", "STEMS", "create_resnet", "apply_cifar_stem"]
 
 
 def apply_cifar_stem(model: nn.Module) -> nn.Module:

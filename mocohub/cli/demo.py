@@ -9,7 +9,7 @@ import argparse
 import contextlib
 import sys
 
-from ..precision import PRECISION_CHOICES
+from ..precision_names import PRECISION_CHOICES
 from .output import add_json_flag, emit
 
 __all__ = ["add_parser", "run"]

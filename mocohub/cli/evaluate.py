@@ -7,31 +7,22 @@ import re
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
-import torch
-from safetensors import safe_open
-from torch.utils.data import DataLoader
-
-from ..data.folder import DEFAULT_WORKERS
-from ..data.sources import open_images
+from ..data.defaults import DEFAULT_WORKERS
 from ..errors import MocohubError
-from ..evaluation.classifier import save_classifier
-from ..evaluation.embeddings import Embeddings, compute_embeddings, concat_embeddings
-from ..evaluation.extract import extract_embeddings
-from ..evaluation.knn import knn_classify
-from ..evaluation.linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS, fast_linear_probe, train_linear_head
-from ..evaluation.protocols import evaluate_protocols, image_loader, official_protocol, shared_classes
-from ..evaluation.transforms import linear_cfg, train_transform
-from ..jsonlog import append_jsonl
-from ..precision import PRECISION_CHOICES, resolve_channels_last, resolve_precision
+from ..evaluation.protocol_settings import DEFAULT_WEIGHT_DECAYS, PROTOCOLS
+from ..precision_names import PRECISION_CHOICES
 from ..run_folder import BACKBONE, METRICS
 from ..training.run_dir import fresh_run_dir
-from ..zoo.hub import HUB_PREFIX
-from ..zoo.loading import from_pretrained
-from ..zoo.pretrained import WEIGHTS_NAME
-from ..zoo.transforms import transform_for
+from ..zoo.names import HUB_PREFIX, WEIGHTS_NAME
 from .output import add_json_flag, clean, count, duration, emit, num, pct, say, table
+
+if TYPE_CHECKING:  # torch and the evaluation code are imported when a command runs, not to build the parser
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..evaluation.embeddings import Embeddings
 
 __all__ = ["add_parser", "run", "model_slug"]
 
@@ -54,6 +45,10 @@ class Hardware(NamedTuple):
 
 
 def _hardware(args: argparse.Namespace) -> Hardware:
+    import torch
+
+    from ..precision import resolve_channels_last, resolve_precision
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(args.precision, device)[0]
     return Hardware(device, precision, resolve_channels_last(args.channels_last, precision))
@@ -180,12 +175,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _loader(source: str, transform: Callable, args: argparse.Namespace, hw: Hardware, *, shuffle: bool = False,
             batch_size: int | None = None) -> DataLoader:
+    from ..data.sources import open_images
+    from ..evaluation.protocols import image_loader
+
     data = open_images(source, transform, on_error="skip")
     return image_loader(data, batch_size=batch_size or args.batch_size or 256, workers=args.workers,
                         device=hw.device, shuffle=shuffle)
 
 
 def _classes(train: DataLoader, val: DataLoader) -> list[str]:
+    from ..evaluation.protocols import shared_classes
+
     return shared_classes(train.dataset, val.dataset)
 
 
@@ -195,11 +195,16 @@ def _skipped(failed: list[str]) -> str:
 
 
 def _embed(model, loader: DataLoader, args: argparse.Namespace, hw: Hardware, **kwargs: Any) -> Embeddings:
+    from ..evaluation.embeddings import compute_embeddings
+
     return compute_embeddings(model, loader, device=hw.device, precision=hw.precision,
                               channels_last=hw.channels_last, progress=not args.quiet, **kwargs)
 
 
 def _knn(args: argparse.Namespace, hw: Hardware, start: float) -> int:
+    from ..evaluation.knn import knn_classify
+    from ..zoo.loading import from_pretrained
+
     model = from_pretrained(args.model)
     train = _loader(args.train, model.eval_transform, args, hw)
     val = _loader(args.val, model.eval_transform, args, hw)
@@ -225,6 +230,16 @@ def _lincls_out(args: argparse.Namespace) -> Path:
 
 
 def _lincls(args: argparse.Namespace, hw: Hardware, start: float) -> int:
+    from ..data.sources import open_images
+    from ..evaluation.classifier import save_classifier
+    from ..evaluation.embeddings import concat_embeddings
+    from ..evaluation.linear import fast_linear_probe, train_linear_head
+    from ..evaluation.protocols import image_loader, official_protocol
+    from ..evaluation.transforms import linear_cfg, train_transform
+    from ..jsonlog import append_jsonl
+    from ..zoo.loading import from_pretrained
+    from ..zoo.transforms import transform_for
+
     out = _lincls_out(args)
     metrics_file = out / METRICS  # as a run folder names its epoch rows
     out.mkdir(parents=True, exist_ok=True)
@@ -282,6 +297,11 @@ def _lincls(args: argparse.Namespace, hw: Hardware, start: float) -> int:
 
 
 def _extract(args: argparse.Namespace, hw: Hardware, start: float) -> int:
+    from safetensors import safe_open
+
+    from ..evaluation.extract import extract_embeddings
+    from ..zoo.loading import from_pretrained
+
     if args.out is None and args.resume:
         raise MocohubError("--resume continues an interrupted run: pass its OUT file too")
     target = args.out or fresh_run_dir("extract", model_slug(args.model)) / "embeddings.safetensors"
@@ -313,6 +333,9 @@ def _settings(row: dict[str, Any]) -> str:
 
 
 def _eval(args: argparse.Namespace, hw: Hardware, start: float) -> int:
+    from ..evaluation.protocols import evaluate_protocols
+    from ..zoo.loading import from_pretrained
+
     model = from_pretrained(args.model)
     protocols = ["knn", "fast", *(args.protocol if args.official else [])]
     rows = evaluate_protocols(model, args.train, args.val, list(dict.fromkeys(protocols)), k=args.k, t=args.t,

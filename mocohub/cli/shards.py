@@ -5,7 +5,7 @@ import argparse
 import re
 import time
 
-from ..data.shards import DEFAULT_SHARD_BYTES
+from ..data.defaults import DEFAULT_SHARD_BYTES
 from .output import add_json_flag, count, duration, emit
 
 __all__ = ["add_parser", "build_parser", "parse_size", "run"]

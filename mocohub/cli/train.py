@@ -7,14 +7,14 @@ import sys
 
 from dataclasses import fields
 
-from ..data.folder import DEFAULT_WORKERS
+from ..data.defaults import DEFAULT_WORKERS
 from ..jsonlog import read_jsonl
 from ..run_folder import RunFolder
 from ..errors import MocohubError
-from ..training.budget import parse_duration
+from ..training.choices import CHOICES
 from ..training.config import TrainConfig
+from ..training.durations import parse_duration
 from ..training.recipes import RECIPES
-from ..training.validate import CHOICES
 from .output import add_json_flag, emit
 
 __all__ = ["add_parser", "config_from_args", "run"]

@@ -7,13 +7,11 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from .norms import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from .views import Blur, ColorJitter, Flip, GaussianBlur, Grayscale, Solarize, View
 
 __all__ = ["AUGMENTATIONS", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "Augmentation",
            "GaussianBlur", "TwoViews", "augmentation", "recipe", "two_views", "view_specs"]
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the official CIFAR demo's
 
 
 class Augmentation(NamedTuple):

@@ -15,11 +15,10 @@ from torch.utils.data import Dataset, default_collate
 from ..errors import MocohubError
 from .cache import CACHE_CHOICES, ImageCache, open_cache
 from .convert import DECODE_ERRORS, load_rgb, uint8_to_pil
+from .defaults import DEFAULT_WORKERS
 from .samples import Names, Samples, list_images
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_WORKERS", "ImageFolder", "Batch", "collate_images", "load_rgb", "sample_seed"]
-
-DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # decoding processes: more than the cores only contend
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_SUBSTITUTES = 16

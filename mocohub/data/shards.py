@@ -52,13 +52,13 @@ from ..errors import MocohubError
 from ..fileio import atomic_write, disk_full, disk_full_error
 from .cache import CACHE_CHOICES, ImageCache, open_cache
 from .convert import load_rgb
+from .defaults import DEFAULT_SHARD_BYTES
 from .folder import IMAGE_EXTENSIONS, ImageFolder
 
 __all__ = ["SHARDS_INSTALL", "DEFAULT_SHARD_BYTES", "ShardImages", "Shard", "index_shard", "is_shard_source",
            "scan_shard", "shard_paths", "write_shards"]
 
 SHARDS_INSTALL = "pip install 'mocohub[shards]' (or pip install webdataset)"
-DEFAULT_SHARD_BYTES = 10 ** 9
 MANIFEST_SUFFIX = ".shards.json"
 INDEX_SUFFIX = ".index.json"
 FORMAT = "mocohub-shards/1"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
 import time
 from dataclasses import replace
@@ -19,10 +18,10 @@ from typing import Any
 
 from torch.utils.data import Subset
 
-from ..errors import MocohubError
 from ..evaluation.embeddings import compute_embeddings
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
+from .durations import parse_duration
 from .runlog import RunLog
 
 __all__ = ["parse_duration", "plan_epochs", "fit_schedule", "probe", "make_plan", "plan_line", "measure_or_fixed",
@@ -32,20 +31,6 @@ __all__ = ["parse_duration", "plan_epochs", "fit_schedule", "probe", "make_plan"
 # test knows the plan in advance.
 STEP_SECONDS_ENV = "MOCOHUB_BUDGET_STEP_SECONDS"
 WARMUP_STEPS, TIMED_STEPS, KNN_BATCHES = 2, 5, 2
-
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds of ``90s``, ``30m``, ``6h`` or ``1h30m`` (hours, minutes, seconds, each optional, in order)."""
-    found = _DURATION.fullmatch(text.strip().lower())
-    if not text.strip() or found is None or not any(found.groups()):
-        raise MocohubError(f"--time-budget {text!r}: write a duration such as 90s, 30m, 6h or 1h30m")
-    hours, minutes, seconds = (float(g or 0) for g in found.groups())
-    total = 3600 * hours + 60 * minutes + seconds
-    if total <= 0:
-        raise MocohubError(f"--time-budget {text!r}: must be more than 0 seconds")
-    return total
 
 
 def plan_epochs(budget_s: float, *, step_s: float, steps_per_epoch: int, epoch_s: float = 0.0, knn_s: float = 0.0,

@@ -1,7 +1,7 @@
 """One check of a training config against the world it runs in, before anything is written.
 
-Every refusal is one ``MocohubError`` line naming the flag and the way out. The choices listed
-here are the CLI's ``choices`` too, so a fact has one source.
+Every refusal is one ``MocohubError`` line naming the flag and the way out. The choices it checks
+against are the CLI's ``choices`` (choices.py), so a fact has one source.
 """
 from __future__ import annotations
 
@@ -12,27 +12,15 @@ from typing import Iterable
 
 import torch
 
-from ..backbones import MOCO_V3_VITS, RESNET_ARCHS, STEMS, vit_architecture
-from ..data.augment import AUGMENTATIONS
+from ..backbones import MOCO_V3_VITS, RESNET_ARCHS, vit_architecture
 from ..errors import MocohubError
-from ..precision import PRECISION_CHOICES
+from .choices import CHOICES
 from .config import TrainConfig
 from .recipes import RECIPES, Recipe
 
 __all__ = ["CHOICES", "validate", "check_generation", "bn_splits_for", "compile_refusal", "available_compilers",
            "is_vit", "patch_size"]
 
-# field -> the values a flag of that name accepts (the CLI's ``choices``)
-CHOICES: dict[str, tuple[str, ...]] = {
-    "recipe": tuple(RECIPES),
-    "stem": tuple(STEMS),
-    "schedule": ("step", "cos"),
-    "optimizer": ("sgd", "lars", "adamw"),
-    "aug": tuple(AUGMENTATIONS),
-    "precision": tuple(PRECISION_CHOICES),
-    "aug_impl": ("auto", "pil", "batched"),
-    "cache_images": ("auto", "on", "off"),
-}
 V3_OPTIMIZERS = ("lars", "adamw")
 _V3_RECIPES = "--recipe moco-v3, moco-v3-vit or cifar-v3"
 _V1_RECIPES = "--recipe moco-v1, moco-v2 or cifar"

@@ -21,11 +21,11 @@ from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEnt
                                     RepositoryNotFoundError, RevisionNotFoundError)
 
 from ..errors import MocohubError
+from .names import HUB_PREFIX
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 
 __all__ = ["HUB_PREFIX", "parse_hub_source", "hub_unreachable", "download_hub_repo", "push_folder", "push_to_hub"]
 
-HUB_PREFIX = "hf-hub:"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _PROBE_TIMEOUT_S = 3.0
 _OFFLINE_HINT = "with no network, set HF_HUB_OFFLINE=1 to use the local Hub cache without trying"

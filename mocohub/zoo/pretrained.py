@@ -25,22 +25,13 @@ from ..fileio import atomic_write
 from ..run_folder import CHECKPOINT
 from .card import CARD_NAME, model_card
 from .instantiate import build_loaded
+from .names import CONFIG_NAME, IMAGENET_PRETRAINED_CFG, WEIGHTS_NAME
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "IMAGENET_PRETRAINED_CFG", "pretrained_cfg_for",
     "public_meta", "build_config", "build_model", "write_pretrained", "add_facts", "save_pretrained",
     "read_pretrained_dir", "load_pretrained_dir",
 ]
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-
-# The official linear evaluation: Resize(256) + CenterCrop(224), bilinear.
-IMAGENET_PRETRAINED_CFG: dict[str, Any] = {
-    "input_size": [3, 224, 224], "crop_pct": 0.875, "crop_mode": "center",
-    "interpolation": "bilinear", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-    "first_conv": "conv1", "classifier": "fc",
-}
 
 
 def pretrained_cfg_for(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict[str, Any]:

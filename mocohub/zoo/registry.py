@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import MocohubError
-from .pretrained import IMAGENET_PRETRAINED_CFG
+from .names import IMAGENET_PRETRAINED_CFG
 
 __all__ = ["ZooModel", "ZOO_URL_ENV", "DEFAULT_ZOO_URL", "REGISTRY", "ALIASES",
            "list_models", "model_info", "get_model"]
