@@ -1,5 +1,10 @@
-"""The ResNet architectures and stems mocohub builds, by name: what a parser lists, without timm or torch."""
-__all__ = ["RESNET_ARCHS", "STEMS"]
+"""The backbones mocohub builds, by name (ResNet architectures and stems, MoCo v3's ViTs as timm names):
+what a parser lists or a check reads, without timm or torch."""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["RESNET_ARCHS", "STEMS", "MOCO_V3_VITS", "vit_architecture"]
 
 RESNET_ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -8,3 +13,15 @@ RESNET_ARCHS = (
     "resnet10t", "test_resnet",
 )
 STEMS = ("imagenet", "cifar")
+
+# MoCo v3's ViT names -> (timm architecture, model_args). Its ViT-S has 12 heads where timm's has 6.
+MOCO_V3_VITS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit_small": ("vit_small_patch16_224", {"num_heads": 12}),
+    "vit_base": ("vit_base_patch16_224", {}),
+}
+
+
+def vit_architecture(arch: str, **kwargs: Any) -> tuple[str, dict[str, Any]]:
+    """The timm architecture and ``model_args`` that rebuild ``arch`` (a MoCo v3 or timm ViT name)."""
+    timm_arch, model_args = MOCO_V3_VITS.get(arch, (arch, {}))
+    return timm_arch, {**model_args, **kwargs}

@@ -17,25 +17,14 @@ import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
 
 from ..errors import MocohubError
+from .names import MOCO_V3_VITS, vit_architecture
 
 __all__ = ["MOCO_V3_VITS", "create_vit", "vit_architecture", "vit_args"]
-
-# MoCo v3's ViT names -> (timm architecture, model_args). Its ViT-S has 12 heads where timm's has 6.
-MOCO_V3_VITS: dict[str, tuple[str, dict[str, Any]]] = {
-    "vit_small": ("vit_small_patch16_224", {"num_heads": 12}),
-    "vit_base": ("vit_base_patch16_224", {}),
-}
 
 
 def vit_args(image_size: int, patch_size: int | None) -> dict[str, Any]:
     """timm arguments of a ViT trained at ``image_size`` (its position embedding follows the grid)."""
     return {"img_size": image_size, **({"patch_size": patch_size} if patch_size else {})}
-
-
-def vit_architecture(arch: str, **kwargs: Any) -> tuple[str, dict[str, Any]]:
-    """The timm architecture and ``model_args`` that rebuild ``arch`` (a MoCo v3 or timm ViT name)."""
-    timm_arch, model_args = MOCO_V3_VITS.get(arch, (arch, {}))
-    return timm_arch, {**model_args, **kwargs}
 
 
 @torch.no_grad()
