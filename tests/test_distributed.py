@@ -116,7 +116,7 @@ def test_torchrun_trains_with_two_processes(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mocohub",
            "train", str(train_dir), "--recipe", "cifar", "--arch", "test_resnet", "--image-size", "16", "--batch-size",
-           "8", "--moco-k", "24", "--epochs", "1", "--workers", "0", "--no-progress", "--out", str(run)]
+           "8", "--moco-k", "24", "--allow-large-queue", "--epochs", "1", "--workers", "0", "--no-progress", "--out", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ from mocohub.training import TrainConfig, Trainer, load_checkpoint, train
 from mocohub.training import checkpoint as checkpoint_module
 from mocohub.zoo.card import METRIC_NAMES, model_card
 
-TINY = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "32", "--workers", "0",
+TINY = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--lr", "0.06", "--moco-k", "32", "--workers", "0",
         "--no-progress", "--log-every", "1"]
 # timm's tiny ResNet (0.4 M parameters), for the runs whose point is not the default backbone:
 # test_cli_end_to_end trains resnet18
@@ -307,7 +307,7 @@ def test_val_folder_is_checked_before_training(folders, tmp_path, capsys):
     flat.mkdir()
     for i, image in enumerate(sorted((train_dir / "circle").iterdir())):
         shutil.copy(image, flat / f"{i}.png")
-    assert main(["train", str(flat), *TINY, "--batch-size", "4", "--moco-k", "8", "--out", str(run),
+    assert main(["train", str(flat), *TINY, "--batch-size", "4", "--moco-k", "8", "--allow-large-queue", "--out", str(run),
                  "--val", str(tmp_path / "val")]) == 2
     assert "--val needs labelled training images" in capsys.readouterr().err
 

@@ -165,7 +165,7 @@ def test_a_cpu_run_augments_cached_images_in_batches_without_loader_workers(data
                                            ({"workers": 1}, ("batched", 1))]):
         t = Trainer(TrainConfig.from_recipe("cifar", out=str(tmp_path / f"run{i}"), **base, **flags))
         try:
-            assert (t.aug_impl, t.workers) == expected, flags
+            assert (t.input.aug_impl, t.input.workers) == expected, flags
         finally:
             t.close()
 

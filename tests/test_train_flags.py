@@ -24,7 +24,7 @@ FLAGS = [
     (["--arch", "resnet18"], {"arch": "resnet18"}),
     (["--stem", "cifar"], {"stem": "cifar"}),
     (["--epochs", "7"], {"epochs": 7}),
-    (["--batch-size", "64"], {"batch_size": 64}),
+    (["--batch-size", "64"], {"batch_size": 64, "lr": 0.03 * 64 / 256}),  # the linear scaling rule
     (["--lr", "0.5"], {"lr": 0.5}),
     (["--schedule", "step"], {"schedule": "step"}),
     (["--lr-steps", "5", "7"], {"lr_steps": (5, 7)}),
@@ -69,6 +69,9 @@ FLAGS = [
     (["--tensorboard"], {"tensorboard": True}),
     (["--no-progress"], {"progress": False}),
     (["--out", "RUN"], {"out": "RUN"}),
+    (["--allow-large-queue"], {"allow_large_queue": True}),
+    (["--time-budget", "1h30m"], {"time_budget": 5400.0}),
+    (["--micro-batch", "16"], {"micro_batch": 16}),
 ]
 
 
@@ -139,7 +142,8 @@ def test_a_run_with_two_bn_groups_trains_with_split_batchnorm(tmp_path):
     """A global batch of 64 on one process: the default rule gives 2 groups of 32."""
     train_dir, _ = make_dataset(tmp_path / "data", train_per_class=7, val_per_class=0, size=16)
     cfg = TrainConfig.from_recipe("cifar", data=str(train_dir), out=str(tmp_path / "run"), image_size=16,
-                                  batch_size=64, moco_k=128, epochs=1, workers=0, progress=False, precision="fp32")
+                                  batch_size=64, moco_k=128, allow_large_queue=True, epochs=1, workers=0, progress=False,
+                                  precision="fp32")
     trainer = Trainer(cfg)
     bns = [m for m in trainer.model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 2 * 20 and all(isinstance(m, SplitBatchNorm) and m.num_splits == 2 for m in bns)

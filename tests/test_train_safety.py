@@ -15,7 +15,7 @@ from mocohub.training.runtime import backend_for, choose_device
 from mocohub.training.sampler import ResumableSampler
 from mocohub.training.trainer import Trainer
 
-TINY = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "32", "--workers", "0",
+TINY = ["--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--lr", "0.06", "--moco-k", "32", "--workers", "0",
         "--no-progress", "--log-every", "1", "--precision", "fp32", "--arch", "test_resnet"]  # timm's tiny ResNet
 
 
@@ -107,7 +107,7 @@ def test_resume_takes_momentum_and_wd_from_the_flags_and_survives_a_precision_ch
         t.close()
     t = Trainer(TrainConfig.from_recipe("cifar", **{**base, "epochs": 2, "precision": "fp16"}))
     try:
-        assert t.epoch == 1 and t.scaler.is_enabled()
+        assert t.state.epoch == 1 and t.scaler.is_enabled()
     finally:
         t.close()
 

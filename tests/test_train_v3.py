@@ -153,7 +153,8 @@ def test_resume_across_generations_is_refused(runs, data, tmp_path, capsys):
     train_dir = str(data[0])
     v1 = tmp_path / "v1"
     assert main(["train", train_dir, "--recipe", "cifar", "--arch", "test_resnet", "--image-size", "16", "--batch-size",
-                 "8", "--moco-k", "32", "--workers", "0", "--no-progress", "--max-steps", "1", "--out", str(v1)]) == 0
+                 "8", "--moco-k", "32", "--allow-large-queue", "--workers", "0", "--no-progress", "--max-steps", "1", "--out",
+                 str(v1)]) == 0
     capsys.readouterr()
     v3_file = runs["resnet"][0] / "checkpoint.pth.tar"
     assert main(["train", train_dir, *ARCHS["resnet"], *COMMON, "--out", str(tmp_path / "a"),
@@ -162,7 +163,8 @@ def test_resume_across_generations_is_refused(runs, data, tmp_path, capsys):
     assert "is a MoCo v1/v2 checkpoint ('module.encoder_q.*' keys) and this is a MoCo v3 run" in err
     assert "--recipe moco-v1, moco-v2 or cifar" in err and not (tmp_path / "a" / "checkpoint.pth.tar").exists()
     assert main(["train", train_dir, "--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "32",
-                 "--workers", "0", "--no-progress", "--out", str(tmp_path / "b"), "--resume", str(v3_file)]) == 2
+                 "--allow-large-queue", "--workers", "0", "--no-progress", "--out", str(tmp_path / "b"), "--resume",
+                 str(v3_file)]) == 2
     err = capsys.readouterr().err
     assert "is a MoCo v3 checkpoint ('module.base_encoder.*' keys) and this is a MoCo v1/v2 run" in err
     assert "--recipe moco-v3, moco-v3-vit or cifar-v3" in err
@@ -206,8 +208,8 @@ def test_bad_input_is_refused_before_anything_is_written(data, tmp_path, capsys,
 def test_symmetric_v2_run_enqueues_both_views(data, tmp_path):
     """--symmetric: loss ctr(q1, k2) + ctr(q2, k1) (about twice the one-sided loss at the start: same
     seed, same first term), both views' keys in the queue (its pointer moves 16 a step)."""
-    common = dict(data=str(data[0]), image_size=16, batch_size=8, moco_k=64, workers=0, progress=False,
-                  log_every=1, max_steps=2, precision="fp32", epochs=2, arch="test_resnet")
+    common = dict(data=str(data[0]), image_size=16, batch_size=8, moco_k=64, allow_large_queue=True, workers=0,
+                  progress=False, log_every=1, max_steps=2, precision="fp32", epochs=2, arch="test_resnet")
     sym, one = tmp_path / "sym", tmp_path / "one"
     train(TrainConfig.from_recipe("cifar", out=str(sym), symmetric=True, **common))
     train(TrainConfig.from_recipe("cifar", out=str(one), **common))

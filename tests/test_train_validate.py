@@ -16,7 +16,7 @@ from mocohub.training import TrainConfig
 from mocohub.training.validate import CHOICES, compile_refusal, validate
 
 TINY = ["--recipe", "cifar", "--arch", "test_resnet", "--image-size", "16", "--batch-size", "8", "--moco-k", "32",
-        "--workers", "0", "--no-progress", "--log-every", "1", "--precision", "fp32"]
+        "--allow-large-queue", "--workers", "0", "--no-progress", "--log-every", "1", "--precision", "fp32"]
 PACKAGE = Path(mocohub.__file__).parent
 
 

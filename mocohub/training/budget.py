@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Subset
+from tqdm.auto import tqdm
 
 from ..evaluation.embeddings import compute_embeddings
-from .checkpoint import save_checkpoint
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .durations import parse_duration
 from .runlog import RunLog
+from .state import saved_plan
 
 __all__ = ["parse_duration", "plan_epochs", "fit_schedule", "probe", "make_plan", "plan_line", "measure_or_fixed",
-           "STEP_SECONDS_ENV"]
+           "budget_plan", "STEP_SECONDS_ENV"]
 
 # Tests only: seconds per step to plan with instead of probing (no probe, no other costs), so that a
 # test knows the plan in advance.
@@ -164,3 +166,24 @@ def measure_or_fixed(trainer: Any) -> dict[str, float] | None:
     """The probe's times, or None where the test hook fixes the step time."""
     return None if os.environ.get(STEP_SECONDS_ENV) else probe(trainer)
 
+
+def budget_plan(trainer: Any, cfg: TrainConfig, started: float) -> dict[str, Any]:
+    """``--time-budget``: the checkpoint's plan when resuming (the run keeps its epochs), else
+    rank 0's from a probe of this run's own step, on a model built again afterwards from the
+    same random state (the run is the one it would have been without the probe)."""
+    resume = Path(cfg.resume) if cfg.resume else None if cfg.restart else trainer.folder.checkpoint
+    plan = saved_plan(resume) if resume else None
+    if plan is not None:
+        if plan["budget_s"] != cfg.time_budget and trainer.rt.main:
+            tqdm.write(f"resuming a run that keeps its plan ({plan_line(plan)}): --time-budget "
+                       f"{cfg.time_budget:g} s is ignored")
+        return plan
+    rng, built = rng_state(), time.monotonic()
+    trainer._build(cfg)
+    build_s = time.monotonic() - built
+    measured = measure_or_fixed(trainer)
+    set_rng_state(rng)
+    now = time.monotonic()  # the start-up so far, and the second build to come
+    plan = make_plan(cfg, trainer.sampler.steps, measured,
+                     spent_s=now - started + build_s, probe_s=now - built)
+    return trainer.rt.broadcast(plan if trainer.rt.main else None)

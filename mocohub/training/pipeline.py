@@ -2,6 +2,7 @@
 kNN monitor's labelled sets. Every choice is made once, at start, and recorded (``record.py``)."""
 from __future__ import annotations
 
+import gc
 import signal
 import warnings
 from typing import Callable, Iterator
@@ -23,11 +24,14 @@ from .resume import data_fingerprint
 __all__ = ["InputPipeline", "choose_augmentation"]
 
 
-def _leave_signals_to_the_trainer(worker_id: int) -> None:
+def _start_worker(worker_id: int) -> None:
     """Ctrl-C and SIGTERM reach a whole process group; loader workers ignore them so the trainer
-    can finish its step, checkpoint and shut them down (instead of dying under it mid-step)."""
+    can finish its step, checkpoint and shut them down (instead of dying under it mid-step).
+    ``gc.freeze()``: the objects a forked worker inherits are never visited by its collector, whose
+    first full pass would otherwise copy every page they sit on (benchmarks/README: start-up)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    gc.freeze()
 
 
 def choose_augmentation(cfg: TrainConfig, device: torch.device) -> tuple[str, torch.device]:
@@ -102,7 +106,7 @@ class InputPipeline:
         generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
                           collate_fn=collate_images, pin_memory=self.device.type == "cuda",
-                          drop_last=drop_last, generator=generator, worker_init_fn=_leave_signals_to_the_trainer)
+                          drop_last=drop_last, generator=generator, worker_init_fn=_start_worker)
 
     def epoch(self, sampler: Sampler, batch_size: int, epoch: int) -> Iterator[Batch]:
         """The epoch's batches (from the sampler's position: a resumed epoch skips what was done)."""

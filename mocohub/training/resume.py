@@ -20,7 +20,7 @@ __all__ = ["MAY_CHANGE", "config_differences", "data_fingerprint", "describe"]
 MAY_CHANGE = frozenset({
     "epochs", "lr", "workers", "precision", "channels_last", "device", "val", "knn_every", "knn_k", "knn_t",
     "max_steps", "log_every", "progress", "out", "resume", "restart", "data", "tensorboard", "compile",
-    "aug_impl", "aug_device", "cache_images", "world_size",
+    "aug_impl", "aug_device", "cache_images", "world_size", "allow_large_queue",
 })
 # Descriptive fields with no effect on the computation.
 IGNORED = frozenset({"paper", "moco_version", "recipe"})

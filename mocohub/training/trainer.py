@@ -21,8 +21,7 @@ from ..precision import autocast, resolve_channels_last, resolve_precision
 from ..run_folder import OUTPUTS, RunFolder
 from ..zoo.pretrained import build_config, write_pretrained
 from .algorithms import build_algorithm
-from .budget import fit_schedule, make_plan, measure_or_fixed, plan_line
-from .checkpoint import rng_state, set_rng_state
+from .budget import budget_plan, fit_schedule, plan_line
 from .config import TrainConfig
 from .meter import EpochSums, StepMeter, epoch_line
 from .microbatch import micro_step
@@ -33,7 +32,7 @@ from .runlog import RunLog
 from .run_dir import RunLock, fresh_run_dir, prepare_run_dir, set_aside
 from .runtime import Runtime
 from .sampler import ResumableSampler
-from .state import TrainState, saved_plan
+from .state import TrainState
 from .stop import StopGuard
 from .sync import broadcast_buffers
 from .validate import validate
@@ -65,7 +64,7 @@ class Trainer:
                                    barrier=rt.barrier if rt.world > 1 else None)
         self.sampler = ResumableSampler(len(self.input.dataset), cfg.batch_size, num_replicas=rt.world,
                                         rank=rt.rank, seed=cfg.seed)
-        self.plan = self._plan(cfg, started) if cfg.time_budget is not None else None
+        self.plan = budget_plan(self, cfg, started) if cfg.time_budget is not None else None
         if self.plan is not None:
             cfg = self.cfg = replace(fit_schedule(cfg, self.plan["epochs"]), time_budget=self.plan["budget_s"])
         self._build(cfg)
@@ -73,26 +72,6 @@ class Trainer:
                                 steps_per_epoch=self.sampler.steps, plan=self.plan)
         self._open_folder()
         self.guard = StopGuard(rt, self.folder.checkpoint, self.precision)
-
-    def _plan(self, cfg: TrainConfig, started: float) -> dict[str, Any]:
-        """``--time-budget``: the checkpoint's plan when resuming (the run keeps its epochs), else
-        rank 0's from a probe of this run's own step, on a model built again afterwards from the
-        same random state (the run is the one it would have been without the probe)."""
-        resume = Path(cfg.resume) if cfg.resume else None if cfg.restart else self.folder.checkpoint
-        plan = saved_plan(resume) if resume else None
-        if plan is not None:
-            if plan["budget_s"] != cfg.time_budget and self.rt.main:
-                tqdm.write(f"resuming a run that keeps its plan ({plan_line(plan)}): --time-budget "
-                           f"{cfg.time_budget:g} s is ignored")
-            return plan
-        rng, built = rng_state(), time.monotonic()
-        self._build(cfg)
-        build_s = time.monotonic() - built
-        measured = measure_or_fixed(self)
-        set_rng_state(rng)
-        now = time.monotonic()  # the start-up so far, and the second build to come
-        plan = make_plan(cfg, self.sampler.steps, measured, spent_s=now - started + build_s, probe_s=now - built)
-        return self.rt.broadcast(plan if self.rt.main else None)
 
     def _build(self, cfg: TrainConfig) -> None:
         """The model, its optimiser and schedules (over ``cfg.epochs``), the scaler and the DDP wrapper."""
@@ -149,11 +128,6 @@ class Trainer:
                 "steps_per_epoch": self.sampler.steps, "images": len(self.input.dataset),
                 "cache_images": self.cfg.cache_images, "image_cache": self.input.dataset.cache_note,
                 "moco_version": self.cfg.moco_version, "recipe": self.cfg.recipe, "plan": self.plan}
-
-    # read by tests and tools: the choices, under their earlier names
-    aug_impl = property(lambda self: self.input.aug_impl)
-    workers = property(lambda self: self.input.workers)
-    epoch = property(lambda self: self.state.epoch)
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self, im_q: torch.Tensor, im_k: torch.Tensor, m: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +215,7 @@ class Trainer:
         """Every rank embeds its share (see ``sharded_knn``) with rank 0's BN statistics."""
         encoder, cfg = self.model.query_encoder, self.cfg
         broadcast_buffers(self.rt, encoder)
-        batch = max(self.per_rank, 256)
+        batch = cfg.micro_batch or max(self.per_rank, 256)  # --micro-batch: what fits in memory
         bank, queries = self.input.knn_sets
         def make_loader(dataset):
             return self.input.loader(dataset, None, batch, epoch=self.state.epoch, drop_last=False)
