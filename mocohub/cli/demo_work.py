@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +19,6 @@ from ..jsonlog import read_jsonl
 from ..precision import resolve_precision
 from ..run_folder import RunFolder
 from ..training.config import TrainConfig
-from ..training.data_checks import sensible_queue
 from ..training.trainer import train
 from ..zoo import from_pretrained, transform_for
 from ..zoo.pretrained import add_facts, pretrained_cfg_for
@@ -27,7 +27,7 @@ from .demo import EPOCHS_FP32, EPOCHS_NATIVE_BF16
 __all__ = ["demo"]
 
 ARCH, SIZE = "test_resnet", 32  # timm's smallest ResNet (4 stages of one block, 96 features), at full image size
-BATCH = 64
+BATCH, QUEUE = 64, 512
 
 
 def _loader(model: torch.nn.Module, folder: Path) -> DataLoader:
@@ -55,14 +55,18 @@ def demo(args: argparse.Namespace) -> tuple[dict, str]:
     fit_batchnorm(random_init, (batch.images for batch in _loader(random_init, train_dir)))
     baseline = _knn_top1(random_init, train_dir, val_dir)
     # The CIFAR demo recipe with MoCo v2's MLP head and T=0.2, sized for a thousand images: batch 64 (more
-    # steps per epoch learnt more per second than 128; 32 learnt less), lr 0.06, and the queue within the share
-    # of the images that the data checks allow (training/data_checks.py: 64 keys of 1,000 images).
-    queue = sensible_queue(10 * args.images_per_class, BATCH)
+    # steps per epoch learnt more per second than 128; 32 learnt less), lr 0.06, and a queue of 512 keys (fewer
+    # for a smaller demo). That is half the images, above the 10 % the data checks advise (training/data_checks.py),
+    # and measured better here: capped to AVX2 (fp32, 17 epochs) K 512 gave +21.2 over random init, K 64 +11.6
+    # (benchmarks/README); so the demo silences that one warning.
+    queue = max(BATCH, min(QUEUE, 10 * args.images_per_class // BATCH * BATCH))
     cfg = TrainConfig.from_recipe("cifar", data=str(train_dir), out=str(out / "run"), epochs=epochs, arch=ARCH,
                                   batch_size=BATCH, lr=0.06, moco_k=queue, mlp=True, moco_t=0.2, image_size=SIZE,
                                   precision=args.precision, workers=args.workers, restart=True,
                                   val=str(val_dir), knn_every=max(1, epochs // 3))
-    exported = train(cfg)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="--moco-k")
+        exported = train(cfg)
     model = from_pretrained(str(exported))
     trained = _knn_top1(model, train_dir, val_dir)
     add_facts(exported, knn_top1_backbone=round(trained, 2))  # the card shows the figure printed here
