@@ -18,7 +18,8 @@ from .convert import DECODE_ERRORS, load_rgb, uint8_to_pil
 from .defaults import DEFAULT_WORKERS
 from .samples import Names, Samples, list_images
 
-__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_WORKERS", "ImageFolder", "Batch", "collate_images", "load_rgb", "sample_seed"]
+__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_WORKERS", "ImageFolder", "Batch", "collate_images", "load_rgb", "sample_seed",
+           "check_options"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_SUBSTITUTES = 16
@@ -36,6 +37,14 @@ class Batch(NamedTuple):
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of sample ``index``'s augmentations in ``epoch`` (the same in every process)."""
     return hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def check_options(on_error: str, cache_images: str) -> None:
+    """The options every image source takes (a folder, ``shards.ShardImages``)."""
+    if on_error not in ("substitute", "skip"):
+        raise ValueError(f"on_error must be 'substitute' or 'skip', not {on_error!r}")
+    if cache_images not in CACHE_CHOICES:
+        raise ValueError(f"cache_images must be one of {', '.join(CACHE_CHOICES)}, not {cache_images!r}")
 
 
 class ImageFolder(Dataset):
@@ -66,10 +75,7 @@ class ImageFolder(Dataset):
                  on_error: str = "substitute", extensions: Sequence[str] = IMAGE_EXTENSIONS,
                  seed: int | None = None, cache_images: str = "off", cache_budget: int | None = None,
                  cache_barrier: Callable[[], None] | None = None):
-        if on_error not in ("substitute", "skip"):
-            raise ValueError(f"on_error must be 'substitute' or 'skip', not {on_error!r}")
-        if cache_images not in CACHE_CHOICES:
-            raise ValueError(f"cache_images must be one of {', '.join(CACHE_CHOICES)}, not {cache_images!r}")
+        check_options(on_error, cache_images)
         self.root = Path(root)
         if not self.root.is_dir():
             raise MocohubError(f"image folder {self.root} does not exist or is not a folder")

@@ -50,10 +50,10 @@ from tqdm import tqdm
 
 from ..errors import MocohubError
 from ..fileio import atomic_write, disk_full, disk_full_error
-from .cache import CACHE_CHOICES, ImageCache, open_cache
+from .cache import ImageCache, open_cache
 from .convert import load_rgb
 from .defaults import DEFAULT_SHARD_BYTES
-from .folder import IMAGE_EXTENSIONS, ImageFolder
+from .folder import IMAGE_EXTENSIONS, ImageFolder, check_options
 
 __all__ = ["SHARDS_INSTALL", "DEFAULT_SHARD_BYTES", "ShardImages", "Shard", "index_shard", "is_shard_source",
            "scan_shard", "shard_paths", "write_shards"]
@@ -273,10 +273,7 @@ class ShardImages(ImageFolder):
                  on_error: str = "substitute", extensions: Sequence[str] = IMAGE_EXTENSIONS,
                  seed: int | None = None, cache_images: str = "off", cache_budget: int | None = None,
                  cache_barrier: Callable[[], None] | None = None):
-        if on_error not in ("substitute", "skip"):
-            raise ValueError(f"on_error must be 'substitute' or 'skip', not {on_error!r}")
-        if cache_images not in CACHE_CHOICES:
-            raise ValueError(f"cache_images must be one of {', '.join(CACHE_CHOICES)}, not {cache_images!r}")
+        check_options(on_error, cache_images)
         self.shards = shard_paths(source)
         self.root = Path(os.path.commonpath([os.path.abspath(os.path.dirname(p)) for p in self.shards]))
         self.transform, self.on_error = transform, on_error
