@@ -57,10 +57,6 @@ class InputPipeline:
                  barrier: Callable[[], None] | None = None):
         """``barrier``: every process of the run enters it together (one image cache per node)."""
         self.cfg, self.device, self.channels_last = cfg, device, channels_last
-        if device.type == "cpu" and per_rank * cfg.image_size ** 2 > 64 * 224 ** 2:
-            warnings.warn(f"training on the CPU with {per_rank} images of {cfg.image_size} px per step needs "
-                          "tens of GB of memory and hours per epoch; for a first CPU run use --recipe cifar "
-                          "or cifar-v3, or a smaller --batch-size (v1/v2: and --moco-k a multiple of it)", stacklevel=4)
         self.aug_impl, self.aug_device = choose_augmentation(cfg, device)
         batched = self.aug_impl == "batched"
         views = (BatchedTwoViews if batched else two_views)(cfg.aug, cfg.image_size, crop_min=cfg.crop_min)
@@ -70,6 +66,10 @@ class InputPipeline:
         self.checks = check_data(cfg, len(self.dataset))  # the settings against the data (data_checks.py)
         if self.checks.refusal:
             raise MocohubError(self.checks.refusal)
+        if device.type == "cpu" and per_rank * cfg.image_size ** 2 > 64 * 224 ** 2:
+            warnings.warn(f"training on the CPU with {per_rank} images of {cfg.image_size} px per step needs "
+                          "tens of GB of memory and hours per epoch; for a first CPU run use --recipe cifar "
+                          "or cifar-v3, or a smaller --batch-size (v1/v2: and --moco-k a multiple of it)", stacklevel=4)
         for warning in self.checks.warnings:
             warnings.warn(warning, stacklevel=4)
         self.workers = self._choose_workers()
