@@ -2,7 +2,7 @@
 and at what scale it runs. Whether a setting can run is the package's own check (``validate``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mocohub.cli.main import build_parser
 from mocohub.cli.train import config_from_args

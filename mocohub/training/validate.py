@@ -16,7 +16,7 @@ from ..backbones import MOCO_V3_VITS, RESNET_ARCHS, vit_architecture
 from ..errors import MocohubError
 from .choices import CHOICES
 from .config import TrainConfig
-from .recipes import RECIPES, Recipe
+from .recipes import Recipe
 
 __all__ = ["CHOICES", "validate", "check_generation", "bn_splits_for", "compile_refusal", "available_compilers",
            "is_vit", "patch_size"]
