@@ -31,9 +31,10 @@ from ablation_data import class_images, prepare_data  # noqa: E402
 from ablation_report import machine  # noqa: E402
 
 # `mocohub train --recipe cifar` flags on top of the recipe (ResNet-18, 3x3 stem, 32 px, K 4096, cosine).
-# The network decides the epochs an hour holds on 2 cores (the official demo's ResNet-18: about 9 on
-# AMX bf16, 2 on AVX2 fp32, from bench_step's 129 and 29 img/s), so the candidates trade width and depth
-# for epochs; v2's MLP head and T 0.2 learn faster in few epochs (the demo measured it).
+# The network decides the epochs an hour holds on 2 cores (MoCo steps measured 2026-12-07, epochs of
+# 50,000 per hour on AMX bf16 / AVX2 fp32: ResNet-18 3x3 stem 6.5 / about 2, resnet10t 11.6 / -,
+# ResNet-18 ImageNet stem 34.6 / 14.6, test_resnet 45.8 / 12.0: benchmarks/README.md), so the
+# candidates trade capacity for epochs; v2's MLP head and T 0.2 learn faster in few epochs (the demo).
 CANDIDATES: dict[str, list[str]] = {
     "resnet18": ["--arch", "resnet18", "--batch-size", "256", "--mlp", "true", "--moco-t", "0.2"],
     "resnet10t": ["--arch", "resnet10t", "--batch-size", "256", "--mlp", "true", "--moco-t", "0.2"],
