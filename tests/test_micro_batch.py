@@ -405,3 +405,14 @@ def test_micro_batches_under_autocast_equal_the_whole_batch(precision_runs, name
         assert (scaler["scale"], scaler["_growth_tracker"]) == (65536.0, 3)
     else:
         assert scaler == {}  # bf16 needs no loss scaling
+
+
+def test_the_knn_monitor_runs_on_a_micro_batched_run(data, tmp_path):
+    """The monitor embeds in batches of the micro-batch, with the run's own BN statistics, and the
+    metrics carry its score at each epoch's end (2 epochs of 4 steps)."""
+    run = tmp_path / "run"
+    assert _train(data, run, *ARGS["vit"], "--micro-batch", str(MICRO), "--val", str(data.parent / "val"),
+                  "--knn-every", "1", "--knn-k", "20", "--max-steps", "8") == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    assert all(0 <= m["knn_top1"] <= 100 for m in metrics)
