@@ -72,6 +72,7 @@ def plot(curve: list[dict], random_top1: float | None, trained_top1: float, titl
         for i, (name, value) in enumerate(GPU_REFERENCES.items()):
             ax.axhline(value, color=f"C{i + 2}", ls=":", label=f"{name}: {value} %")
     ax.set(xlabel="epoch", ylabel=f"kNN top-1 on {scored_on} (%)", title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=8, loc="center right")
     fig.savefig(out, dpi=110)
     plt.close(fig)
