@@ -76,7 +76,7 @@ def _knn_seconds(trainer: Any) -> float:
     """One kNN pass, from the time to embed ``KNN_BATCHES`` batches of the bank after one of warm-up:
     the bank and the queries are embedded once per pass, each rank its share."""
     bank, queries = trainer.input.knn_sets
-    batch = max(trainer.per_rank, 256)
+    batch = trainer.input.knn_batch
     opts = dict(device=trainer.rt.device, precision=trainer.precision, channels_last=trainer.channels_last)
     encoder = trainer.model.query_encoder
 

@@ -78,6 +78,8 @@ class InputPipeline:
         # evaluation preprocessing: the recipe's normalisation at the training crop size
         self.eval_cfg = pretrained_cfg_for(cfg.image_size, *AUGMENTATIONS[cfg.aug][2])
         self.knn_sets = self._knn_datasets() if cfg.val else None
+        # the kNN monitor's embedding batch (the budget's probe times the same): --micro-batch is what fits
+        self.knn_batch = cfg.micro_batch or max(per_rank, 256)
 
     def _choose_workers(self) -> int:
         """Auto: no loader processes on a CPU whose batched views come from cached images (workers

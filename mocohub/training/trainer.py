@@ -215,10 +215,9 @@ class Trainer:
         """Every rank embeds its share (see ``sharded_knn``) with rank 0's BN statistics."""
         encoder, cfg = self.model.query_encoder, self.cfg
         broadcast_buffers(self.rt, encoder)
-        batch = cfg.micro_batch or max(self.per_rank, 256)  # --micro-batch: what fits in memory
         bank, queries = self.input.knn_sets
         def make_loader(dataset):
-            return self.input.loader(dataset, None, batch, epoch=self.state.epoch, drop_last=False)
+            return self.input.loader(dataset, None, self.input.knn_batch, epoch=self.state.epoch, drop_last=False)
         return sharded_knn(self.rt, encoder, bank, queries, make_loader, len(bank.classes), dim=cfg.moco_dim,
                            k=cfg.knn_k, t=cfg.knn_t, precision=self.precision, channels_last=self.channels_last)
 
