@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ablation_* beside this script
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mocohub from this checkout when not installed
@@ -31,21 +30,14 @@ from ablation_data import prepare_data  # noqa: E402
 from ablation_report import machine  # noqa: E402
 
 from mocohub.backbones import create_resnet  # noqa: E402
-from mocohub.data.folder import ImageFolder, collate_images  # noqa: E402
-from mocohub.evaluation.batchnorm import fit_batchnorm  # noqa: E402
-from mocohub.evaluation.knn import knn_evaluate  # noqa: E402
+from mocohub.evaluation.knn import folder_knn_top1  # noqa: E402
 from mocohub.jsonlog import read_jsonl  # noqa: E402
 from mocohub.run_folder import RunFolder  # noqa: E402
 from mocohub.training.record import read_record  # noqa: E402
-from mocohub.zoo import from_pretrained, transform_for  # noqa: E402
+from mocohub.zoo import from_pretrained  # noqa: E402
 
 # GPU results for scale (kNN top-1 on CIFAR-10 test, ResNet-18, 200 epochs)
 GPU_REFERENCES = {"official MoCo CIFAR-10 demo (V100, ~67 min)": 82.6, "lightly MoCo v2 (112 min)": 84.7}
-
-
-def _loader(model: torch.nn.Module, folder: Path) -> DataLoader:
-    return DataLoader(ImageFolder(folder, transform_for(model), on_error="skip"), batch_size=256,
-                      collate_fn=collate_images)
 
 
 @torch.no_grad()
@@ -54,8 +46,7 @@ def random_baseline(trained: torch.nn.Module, train: Path, val: Path, arch: str,
     torch.manual_seed(0)
     model = create_resnet(arch, stem=stem)
     model.pretrained_cfg = trained.pretrained_cfg
-    fit_batchnorm(model, (batch.images for batch in _loader(model, train)))
-    return knn_evaluate(model, _loader(model, train), _loader(model, val))["top1"]
+    return folder_knn_top1(model, train, val, fit_bn=True)
 
 
 def plot(curve: list[dict], random_top1: float | None, trained_top1: float, title: str, out: Path,
@@ -102,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     wall_s = time.monotonic() - start
     record, curve = read_record(RunFolder(run).record), read_jsonl(RunFolder(run).metrics)
     trained = from_pretrained(str(run / "backbone"))
-    trained_top1 = knn_evaluate(trained, _loader(trained, images.train), _loader(trained, images.val))["top1"]
+    trained_top1 = folder_knn_top1(trained, images.train, images.val)
     config = json.loads((run / "backbone" / "config.json").read_text())
     random_top1 = None if args.held_out else random_baseline(
         trained, images.train, images.val, config["architecture"], config.get("model_args", {}).get("stem", "cifar"))

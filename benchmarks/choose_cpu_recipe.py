@@ -30,6 +30,8 @@ import bench_budget  # noqa: E402
 from ablation_data import class_images, prepare_data  # noqa: E402
 from ablation_report import machine  # noqa: E402
 
+from mocohub.jsonlog import append_jsonl, read_jsonl  # noqa: E402
+
 # `mocohub train --recipe cifar` flags on top of the recipe (ResNet-18, 3x3 stem, 32 px, K 4096, cosine).
 # The network decides the epochs an hour holds on 2 cores (MoCo steps measured 2026-12-07, epochs of
 # 50,000 per hour on AMX bf16 / AVX2 fp32: ResNet-18 3x3 stem 6.5 / about 2, resnet10t 11.6 / -,
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     images = prepare_data(args.data, args.out, (None, None))
     select = held_out_split(images.train, args.out / "select", args.hold)
     log = args.out / "choice.jsonl"
-    done = {json.loads(line)["name"]: json.loads(line) for line in log.read_text().splitlines()} if log.exists() else {}
+    done = {row["name"]: row for row in read_jsonl(log)}
     for name in chosen:
         if name in done:
             continue
@@ -91,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_budget.main(["--data", str(select), "--out", str(run), "--budget", args.budget, "--held-out",
                            "--", *CANDIDATES[name], *extra])
         result = {"name": name, **json.loads((run / "results.json").read_text())}
-        with log.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+        append_jsonl(log, [result])
         done[name] = result
     info, trained_on = machine(), sum(map(len, class_images(select / "train").values()))
     lines = [f"# A CPU recipe for CIFAR-10: candidates at --time-budget {args.budget}",

@@ -147,6 +147,19 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoint.pth.tar")["state_dict"]
 
 
+def _assert_runs_agree(whole: Path, chunked: Path, loss_rel: float, weight_noise: float, *,
+                       running: bool = False) -> None:
+    """Per-step losses within ``loss_rel`` and every float weight within ``weight_noise`` of the
+    largest weight (the BN running averages too, with ``running``)."""
+    a, b = _steps(whole), _steps(chunked)
+    assert [s["loss"] for s in b] == pytest.approx([s["loss"] for s in a], rel=loss_rel)
+    wa, wb = _weights(whole), _weights(chunked)
+    scale = max(float(v.abs().max()) for v in wa.values() if v.is_floating_point())
+    for key, value in wa.items():
+        if value.is_floating_point() and (running or "running_" not in key):
+            assert_close(wb[key], value, rtol=0, atol=weight_noise * scale, msg=key)
+
+
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
     """Per model: 3 steps of 64 without chunks, with chunks of 16, and with chunks stopped after one
@@ -170,14 +183,8 @@ def test_micro_batched_run_equals_the_whole_batch_run(runs, name):
     """fp32 through the trainer: the per-step losses and the weights to float noise (the float64 tests
     above bound the method itself to rounding)."""
     whole, chunked, _ = runs[name]
-    a, b = _steps(whole), _steps(chunked)
-    assert [s["step"] for s in b] == [0, 1, 2]
-    assert [s["loss"] for s in b] == pytest.approx([s["loss"] for s in a], rel=NOISE[name])
-    wa, wb = _weights(whole), _weights(chunked)
-    scale = max(float(v.abs().max()) for v in wa.values() if v.is_floating_point())
-    for key, value in wa.items():
-        if value.is_floating_point() and "running_" not in key:
-            assert_close(wb[key], value, rtol=0, atol=NOISE[name] * scale, msg=key)
+    assert [s["step"] for s in _steps(chunked)] == [0, 1, 2]
+    _assert_runs_agree(whole, chunked, NOISE[name], NOISE[name])
 
 
 @pytest.mark.parametrize("name", sorted(ARGS))
@@ -243,13 +250,7 @@ def test_two_gloo_processes_with_micro_batches_equal_the_two_without(data, tmp_p
         mp.start_processes(_rank, args=(2, _free_port(), str(data), str(out), micro), nprocs=2, join=True,
                            start_method="spawn")
         runs[micro] = out
-    a, b = _steps(runs[None]), _steps(runs[MICRO])
-    assert [s["loss"] for s in b] == pytest.approx([s["loss"] for s in a], rel=NOISE["vit"])
-    wa, wb = _weights(runs[None]), _weights(runs[MICRO])
-    scale = max(float(v.abs().max()) for v in wa.values() if v.is_floating_point())
-    for key, value in wa.items():
-        if value.is_floating_point():
-            assert_close(wb[key], value, rtol=0, atol=NOISE["vit"] * scale, msg=key)
+    _assert_runs_agree(runs[None], runs[MICRO], NOISE["vit"], NOISE["vit"], running=True)
 
 
 # -- Shuffle BN within each chunk (float64, one process) ------------------------------------------
@@ -393,13 +394,7 @@ def test_micro_batches_under_autocast_equal_the_whole_batch(precision_runs, name
     record = json.loads((chunked / "run.json").read_text())
     assert (record["precision"], record["memory_format"]) == (precision, "channels-last")
     loss_noise, weight_noise = LOW_NOISE[precision]
-    a, b = _steps(whole), _steps(chunked)
-    assert [s["loss"] for s in b] == pytest.approx([s["loss"] for s in a], rel=loss_noise)
-    wa, wb = _weights(whole), _weights(chunked)
-    scale = max(float(v.abs().max()) for v in wa.values() if v.is_floating_point())
-    for key, value in wa.items():
-        if value.is_floating_point() and "running_" not in key:
-            assert_close(wb[key], value, rtol=0, atol=weight_noise * scale, msg=key)
+    _assert_runs_agree(whole, chunked, loss_noise, weight_noise)
     scaler = load_checkpoint(chunked / "checkpoint.pth.tar")["mocohub"]["scaler"]
     if precision == "fp16":
         assert (scaler["scale"], scaler["_growth_tracker"]) == (65536.0, 3)

@@ -7,20 +7,16 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-
 from ..backbones import create_resnet
 from ..data.augment import CIFAR_MEAN, CIFAR_STD
-from ..data.folder import ImageFolder, collate_images
 from ..data.synthetic import make_dataset
-from ..evaluation.batchnorm import fit_batchnorm
-from ..evaluation.knn import knn_evaluate
+from ..evaluation.knn import folder_knn_top1
 from ..jsonlog import read_jsonl
 from ..precision import resolve_precision
 from ..run_folder import RunFolder
 from ..training.config import TrainConfig
 from ..training.trainer import train
-from ..zoo import from_pretrained, transform_for
+from ..zoo import from_pretrained
 from ..zoo.pretrained import add_facts, pretrained_cfg_for
 from .demo import EPOCHS_FP32, EPOCHS_NATIVE_BF16
 
@@ -28,16 +24,6 @@ __all__ = ["demo"]
 
 ARCH, SIZE = "test_resnet", 32  # timm's smallest ResNet (4 stages of one block, 96 features), at full image size
 BATCH, QUEUE = 64, 512
-
-
-def _loader(model: torch.nn.Module, folder: Path) -> DataLoader:
-    """The folder's images, preprocessed as ``model`` expects for evaluation."""
-    return DataLoader(ImageFolder(folder, transform_for(model), on_error="skip"), batch_size=256,
-                      collate_fn=collate_images)
-
-
-def _knn_top1(model: torch.nn.Module, train_dir: Path, val_dir: Path) -> float:
-    return knn_evaluate(model, _loader(model, train_dir), _loader(model, val_dir))["top1"]
 
 
 def demo(args: argparse.Namespace) -> tuple[dict, str]:
@@ -52,8 +38,7 @@ def demo(args: argparse.Namespace) -> tuple[dict, str]:
     torch.manual_seed(0)
     random_init = create_resnet(ARCH, stem="cifar")
     random_init.pretrained_cfg = pretrained_cfg_for(SIZE, CIFAR_MEAN, CIFAR_STD)
-    fit_batchnorm(random_init, (batch.images for batch in _loader(random_init, train_dir)))
-    baseline = _knn_top1(random_init, train_dir, val_dir)
+    baseline = folder_knn_top1(random_init, train_dir, val_dir, fit_bn=True)
     # The CIFAR demo recipe with MoCo v2's MLP head and T=0.2, sized for a thousand images: batch 64 (more
     # steps per epoch learnt more per second than 128; 32 learnt less), lr 0.06, and a queue of 512 keys (fewer
     # for a smaller demo). That is half the images, above the 10 % the data checks advise (training/data_checks.py),
@@ -68,7 +53,7 @@ def demo(args: argparse.Namespace) -> tuple[dict, str]:
         warnings.filterwarnings("ignore", message="--moco-k")
         exported = train(cfg)
     model = from_pretrained(str(exported))
-    trained = _knn_top1(model, train_dir, val_dir)
+    trained = folder_knn_top1(model, train_dir, val_dir)
     add_facts(exported, knn_top1_backbone=round(trained, 2))  # the card shows the figure printed here
     monitor = read_jsonl(RunFolder(exported.parent).metrics)[-1]["knn_top1"]
     with torch.no_grad():

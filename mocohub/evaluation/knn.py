@@ -1,15 +1,21 @@
 """Weighted kNN classification of embeddings, as the official MoCo CIFAR-10 demo and InstDisc."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
+from torch.utils.data import DataLoader
+
+from ..data.folder import ImageFolder, collate_images
 from ..errors import MocohubError
+from ..zoo.transforms import transform_for
+from .batchnorm import fit_batchnorm
 from .embeddings import Embeddings, compute_embeddings, model_device, scratch_bytes, scoring_device
 
-__all__ = ["knn_predict", "knn_chunk_rows", "topk_accuracy", "knn_classify", "knn_evaluate"]
+__all__ = ["knn_predict", "knn_chunk_rows", "topk_accuracy", "knn_classify", "knn_evaluate", "folder_knn_top1"]
 
 
 def knn_chunk_rows(bank_rows: int, k: int, memory_bytes: int, element_bytes: int = 4) -> int:
@@ -89,3 +95,15 @@ def knn_evaluate(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
     val = compute_embeddings(model, val_loader, **opts)
     return knn_classify(train, val, _num_classes(train_loader, val_loader, train), k=k, t=t,
                         device=device if device is not None else model_device(model))
+
+
+def folder_knn_top1(model: nn.Module, train: str | Path, val: str | Path, *, fit_bn: bool = False) -> float:
+    """``knn_evaluate``'s top-1 on two labelled image folders, preprocessed as ``model`` expects (batches
+    of 256); ``fit_bn``: first give a never-trained ``model`` the BN statistics of ``train`` (the fair
+    random baseline, ``fit_batchnorm``)."""
+    def loader(folder: str | Path) -> DataLoader:
+        return DataLoader(ImageFolder(folder, transform_for(model), on_error="skip"), batch_size=256,
+                          collate_fn=collate_images)
+    if fit_bn:
+        fit_batchnorm(model, (batch.images for batch in loader(train)))
+    return knn_evaluate(model, loader(train), loader(val))["top1"]
