@@ -3,8 +3,8 @@
     python benchmarks/bench_budget.py                      # all 50,000 training images, --time-budget 60m
 
 The CIFAR-10 JPEG archive (``../shared/data/cifar10-jpg.tar.gz``, or ``--data``/``$CIFAR_TAR``) is
-unpacked once under ``--out`` (default /tmp/bench-budget); ``mocohub train --time-budget`` runs as a
-user would (one process, the kNN monitor on the 10,000 test images every epoch: the curve); the
+unpacked once under ``--out`` (default /tmp/bench-budget); ``mocohub train --recipe cifar-cpu --time-budget`` runs as a
+user would (one process, the kNN monitor on the 10,000 test images every ``--knn-every`` epochs: the curve); the
 exported backbone is loaded with ``from_pretrained`` and scored by weighted kNN (k 200, T 0.1) on
 the test images, next to the same network randomly initialised with BN statistics fitted to the
 training images (so the gap is learning, not statistics). Writes OUT/results.json and
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=None, help="the CIFAR-10 JPEG archive or folder (default: found)")
     p.add_argument("--out", type=Path, default=Path("/tmp/bench-budget"))
     p.add_argument("--budget", default="60m", help="mocohub train --time-budget")
-    p.add_argument("--recipe", default="cifar")
+    p.add_argument("--recipe", default="cifar-cpu")
+    p.add_argument("--knn-every", type=int, default=4,
+                   help="the curve's points: each kNN pass costs about a third of an epoch's training")
     p.add_argument("--per-class", type=int, nargs=2, default=None, metavar=("TRAIN", "TEST"),
                    help="a toy subset instead of all 5,000 + 1,000 images per class")
     p.add_argument("--held-out", action="store_true",
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = [f for f in args.train_flags if f != "--"]
     command = [sys.executable, "-m", "mocohub.cli.main", "train", str(images.train), "--recipe", args.recipe,
                "--time-budget", args.budget, "--val", str(images.val), "--out", str(run), "--restart",
-               "--no-progress", *extra]
+               "--knn-every", str(args.knn_every), "--no-progress", *extra]
     print(" ".join(command), flush=True)
     start = time.monotonic()
     subprocess.run(command, check=True)

@@ -18,7 +18,7 @@ IMAGENET, CIFAR10 = 1_281_167, 50_000
 
 @pytest.mark.parametrize("recipe, images", [
     ("moco-v1", IMAGENET), ("moco-v2", IMAGENET), ("moco-v3", IMAGENET), ("moco-v3-vit", IMAGENET),
-    ("cifar", CIFAR10), ("cifar-v3", CIFAR10),
+    ("cifar", CIFAR10), ("cifar-v3", CIFAR10), ("cifar-cpu", CIFAR10),
 ])
 def test_no_rule_fires_on_the_recipes_own_data(recipe, images):
     assert check_data(TrainConfig.from_recipe(recipe, data="d"), images) == DataCheck()

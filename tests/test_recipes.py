@@ -22,6 +22,10 @@ EXPECTED = {
     "cifar": {**V1, "arch": "resnet18", "stem": "cifar", "batch_size": 512, "lr": 0.06, "schedule": "cos",
               "weight_decay": 5e-4, "moco_k": 4096, "moco_m": 0.99, "moco_t": 0.1, "aug": "cifar",
               "image_size": 32},
+    # mocohub's CPU recipe (issue 23): the demo's values but the network, batch, lr per image kept, MLP head, T 0.2
+    "cifar-cpu": {**V1, "arch": "test_resnet", "stem": "cifar", "batch_size": 256, "lr": 0.03, "schedule": "cos",
+                  "weight_decay": 5e-4, "moco_k": 4096, "moco_m": 0.99, "moco_t": 0.2, "mlp": True, "aug": "cifar",
+                  "image_size": 32},
     # MoCo v3 (REFERENCE §1): the released ResNet-50, 100 epochs (--moco-m-cos --crop-min=.2); lr is the base
     # lr for 256 images; no queue (K 0); the v3-only fields of v1/v2 keep their defaults (below)
     "moco-v3": {"arch": "resnet50", "stem": "imagenet", "epochs": 100, "batch_size": 4096, "lr": 0.6,
@@ -41,7 +45,7 @@ EXPECTED = {
 }
 V3_ONLY = dict(optimizer="sgd", warmup_epochs=0, moco_m_cos=False, stop_grad_conv1=False, patch_size=None,
                symmetric=False)
-for _name in ("moco-v1", "moco-v2", "cifar"):
+for _name in ("moco-v1", "moco-v2", "cifar", "cifar-cpu"):
     EXPECTED[_name] = {**EXPECTED[_name], **V3_ONLY}
 
 
@@ -87,6 +91,7 @@ AUG = {
               ("RandomApply", 0.8, (_jitter(0.4, 0.4, 0.4, 0.1),)), ("RandomGrayscale", 0.2),  # default scale
               ("ToTensor",), ("Normalize", *CIFAR)],
 }
+AUG["cifar-cpu"] = AUG["cifar"]  # the demo's augmentation
 
 
 @pytest.mark.parametrize("name", sorted(AUG))

@@ -161,7 +161,7 @@ def test_resume_across_generations_is_refused(runs, data, tmp_path, capsys):
                  "--resume", str(v1 / "checkpoint.pth.tar")]) == 2
     err = capsys.readouterr().err
     assert "is a MoCo v1/v2 checkpoint ('module.encoder_q.*' keys) and this is a MoCo v3 run" in err
-    assert "--recipe moco-v1, moco-v2 or cifar" in err and not (tmp_path / "a" / "checkpoint.pth.tar").exists()
+    assert "--recipe moco-v1, moco-v2, cifar or cifar-cpu" in err and not (tmp_path / "a" / "checkpoint.pth.tar").exists()
     assert main(["train", train_dir, "--recipe", "cifar", "--image-size", "16", "--batch-size", "8", "--moco-k", "32",
                  "--allow-large-queue", "--workers", "0", "--no-progress", "--out", str(tmp_path / "b"), "--resume",
                  str(v3_file)]) == 2

@@ -25,7 +25,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 # generation -> (layout name, its encoder keys, the recipes that train it)
 _GENERATIONS = {
-    "v1/v2": ("moco-v1/v2", "module.encoder_q.*", "--recipe moco-v1, moco-v2 or cifar"),
+    "v1/v2": ("moco-v1/v2", "module.encoder_q.*", "--recipe moco-v1, moco-v2, cifar or cifar-cpu"),
     "v3": ("moco-v3", "module.base_encoder.*", "--recipe moco-v3, moco-v3-vit or cifar-v3"),
 }
 

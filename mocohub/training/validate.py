@@ -23,7 +23,7 @@ __all__ = ["CHOICES", "validate", "check_generation", "bn_splits_for", "compile_
 
 V3_OPTIMIZERS = ("lars", "adamw")
 _V3_RECIPES = "--recipe moco-v3, moco-v3-vit or cifar-v3"
-_V1_RECIPES = "--recipe moco-v1, moco-v2 or cifar"
+_V1_RECIPES = "--recipe moco-v1, moco-v2, cifar or cifar-cpu"
 # flag of each v3-only field, refused on a v1/v2 run unless at its (v1) default
 _V3_ONLY = {"optimizer": "--optimizer", "warmup_epochs": "--warmup-epochs", "moco_m_cos": "--moco-m-cos",
             "mlp_dim": "--mlp-dim", "stop_grad_conv1": "--stop-grad-conv1", "patch_size": "--patch-size"}
