@@ -16,7 +16,8 @@ from mocohub.cli.main import main
 from mocohub.data.synthetic import make_dataset
 from mocohub.errors import MocohubError
 from mocohub.training import TrainConfig, Trainer, train
-from mocohub.training.budget import STEP_SECONDS_ENV, fit_schedule, parse_duration, plan_epochs, plan_line
+from mocohub.training.budget import (DRIFT_MARGIN, STEP_SECONDS_ENV, fit_schedule, make_plan, parse_duration,
+                                     plan_epochs, plan_line)
 from mocohub.training.optim import scaled_lr, v3_lr, v3_momentum
 
 TINY = dict(image_size=16, batch_size=8, moco_k=8, workers=0, progress=False, log_every=1, arch="test_resnet",
@@ -118,11 +119,17 @@ def test_a_budget_of_seconds_ends_near_it_with_the_schedule_at_its_end_and_no_tr
     assert [r["loss"] for r in rows] == [r["loss"] for r in _rows(tmp_path / "epochs" / "steps.jsonl")]
 
 
+def test_the_plan_keeps_five_percent_of_the_budget_for_drift(monkeypatch):
+    monkeypatch.setenv(STEP_SECONDS_ENV, "1")
+    plan = make_plan(TrainConfig.from_recipe("cifar", time_budget=100), 1, None, spent_s=0.0, probe_s=0.0)
+    assert plan["epochs"] == 95 == int(100 * (1 - DRIFT_MARGIN)) and plan["budget_s"] == 100
+
+
 def test_a_resumed_budgeted_run_keeps_its_plan_and_ends_where_the_whole_run_does(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(STEP_SECONDS_ENV, "0.2")  # 3 s of 1 s epochs: 3 epochs, 15 steps
+    monkeypatch.setenv(STEP_SECONDS_ENV, "0.2")  # 3.2 s less 5 % of 1 s epochs: 3 epochs, 15 steps
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    train(TrainConfig.from_recipe("cifar", data=data, out=str(whole), time_budget=3, **TINY))
-    train(TrainConfig.from_recipe("cifar", data=data, out=str(cut), time_budget=3, max_steps=7, **TINY))
+    train(TrainConfig.from_recipe("cifar", data=data, out=str(whole), time_budget=3.2, **TINY))
+    train(TrainConfig.from_recipe("cifar", data=data, out=str(cut), time_budget=3.2, max_steps=7, **TINY))
     capsys.readouterr()
     # another budget (and a faster machine) on resume: the plan is the checkpoint's
     monkeypatch.setenv(STEP_SECONDS_ENV, "0.1")
@@ -135,9 +142,9 @@ def test_a_resumed_budgeted_run_keeps_its_plan_and_ends_where_the_whole_run_does
 
 
 def test_a_v3_budget_spans_warmup_cosine_and_m_cos_over_the_planned_epochs(data, tmp_path, monkeypatch):
-    monkeypatch.setenv(STEP_SECONDS_ENV, "0.1")  # 2.5 s of 0.5 s epochs: 5 epochs, warmup 40/200 of them: 1
+    monkeypatch.setenv(STEP_SECONDS_ENV, "0.1")  # 2.7 s less 5 % of 0.5 s epochs: 5 epochs, warmup 40/200: 1
     run = tmp_path / "v3"
-    train(TrainConfig.from_recipe("cifar-v3", data=data, out=str(run), time_budget=2.5, moco_m_cos=True,
+    train(TrainConfig.from_recipe("cifar-v3", data=data, out=str(run), time_budget=2.7, moco_m_cos=True,
                                   warmup_epochs=40, **{**TINY, "moco_k": None}))
     cfg = TrainConfig.from_recipe("cifar-v3", batch_size=8)
     rows, steps = _rows(run / "steps.jsonl"), 5 * 5
@@ -162,7 +169,7 @@ def _rank(rank: int, port: int, data: str, out: str, fixed: bool) -> None:
     if fixed:  # each rank "measures" another step time: rank 0's plan must win on both
         os.environ[STEP_SECONDS_ENV] = str(0.2 * (rank + 1))
     torch.set_num_threads(1)
-    cfg = TrainConfig.from_recipe("cifar", data=data, out=str(Path(out) / "run"), time_budget=3 if fixed else 8,
+    cfg = TrainConfig.from_recipe("cifar", data=data, out=str(Path(out) / "run"), time_budget=3.2 if fixed else 8,
                                   **{**TINY, "batch_size": 8, "bn_splits": 1})
     t = Trainer(cfg)
     if fixed:
@@ -178,7 +185,7 @@ def test_two_gloo_ranks_plan_the_same_epochs(data, tmp_path, fixed):
                        start_method="spawn")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
-    if fixed:  # 3 s at rank 0's 0.2 s/step, 5 steps of 4 images per rank: 3 epochs (rank 1's 0.4 s/step: 1)
+    if fixed:  # 3.2 s less 5 % at rank 0's 0.2 s/step, 5 steps of 4 images per rank: 3 epochs (rank 1's 0.4 s/step: 1)
         assert ranks[0]["epochs"] == 3
     else:
         assert len(_rows(tmp_path / "run" / "metrics.jsonl")) == ranks[0]["epochs"] >= 1
