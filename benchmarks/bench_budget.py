@@ -54,7 +54,7 @@ def plot(curve: list[dict], random_top1: float | None, trained_top1: float, titl
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(9.5, 4.2), constrained_layout=True)
     epochs = [r["epoch"] + 1 for r in curve if "knn_top1" in r]
     ax.plot(epochs, [r["knn_top1"] for r in curve if "knn_top1" in r], "o-", label="kNN monitor (head output)")
     ax.axhline(trained_top1, color="C1", label=f"exported backbone: {trained_top1:.1f} %")
@@ -66,7 +66,7 @@ def plot(curve: list[dict], random_top1: float | None, trained_top1: float, titl
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylim(top=max([*(r["knn_top1"] for r in curve if "knn_top1" in r), trained_top1,
                          *(GPU_REFERENCES.values() if random_top1 is not None else ())]) + 4)
-    ax.legend(fontsize=8, loc="lower right")  # the curve rises from the left: the lower right stays free
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: never on a line
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
