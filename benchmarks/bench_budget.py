@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
               "test_images": images.n_val, "knn_top1_backbone": round(trained_top1, 2),
               "knn_top1_random_bn_fitted": random_top1 and round(random_top1, 2), "held_out": args.held_out,
               "knn_curve": [{"epoch": r["epoch"] + 1, "knn_top1": r.get("knn_top1")} for r in curve],
-              "precision": record["precision"], "precision_why": record["precision_why"], "machine": machine(), "gpu_references": GPU_REFERENCES,
-              "command": command}
+              "precision": record["precision"], "precision_why": record["precision_why"], "machine": machine(),
+              "gpu_references": GPU_REFERENCES, "command": command}
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     title = (f"CIFAR-10, {images.n_train:,} images, --time-budget {args.budget}\non "
              f"{result['machine']['cpu_capability']}, {record['precision']} ({record['precision_why']})")

@@ -12,6 +12,7 @@ from ..errors import MocohubError
 from ..fileio import atomic_write
 from ..zoo.formats import pretraining_format, read_checkpoint
 from ..run_folder import CHECKPOINT
+from .recipes import recipe_flags
 
 __all__ = ["CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
@@ -25,8 +26,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 # generation -> (layout name, its encoder keys, the recipes that train it)
 _GENERATIONS = {
-    "v1/v2": ("moco-v1/v2", "module.encoder_q.*", "--recipe moco-v1, moco-v2, cifar or cifar-cpu"),
-    "v3": ("moco-v3", "module.base_encoder.*", "--recipe moco-v3, moco-v3-vit or cifar-v3"),
+    "v1/v2": ("moco-v1/v2", "module.encoder_q.*", recipe_flags(v3=False)),
+    "v3": ("moco-v3", "module.base_encoder.*", recipe_flags(v3=True)),
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["Recipe", "RECIPES", "get_recipe"]
+__all__ = ["Recipe", "RECIPES", "get_recipe", "recipe_flags"]
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,9 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
     return RECIPES[name]
+
+
+def recipe_flags(v3: bool) -> str:
+    """``--recipe A, B or C``: the recipes of one MoCo generation, for messages that point to them."""
+    names = [name for name, r in RECIPES.items() if (r.moco_version == "v3") == v3]
+    return f"--recipe {', '.join(names[:-1])} or {names[-1]}"

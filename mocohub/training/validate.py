@@ -16,14 +16,13 @@ from ..backbones import MOCO_V3_VITS, RESNET_ARCHS, vit_architecture
 from ..errors import MocohubError
 from .choices import CHOICES
 from .config import TrainConfig
-from .recipes import Recipe
+from .recipes import Recipe, recipe_flags
 
 __all__ = ["CHOICES", "validate", "check_generation", "bn_splits_for", "compile_refusal", "available_compilers",
            "is_vit", "patch_size"]
 
 V3_OPTIMIZERS = ("lars", "adamw")
-_V3_RECIPES = "--recipe moco-v3, moco-v3-vit or cifar-v3"
-_V1_RECIPES = "--recipe moco-v1, moco-v2, cifar or cifar-cpu"
+_V3_RECIPES, _V1_RECIPES = recipe_flags(v3=True), recipe_flags(v3=False)
 # flag of each v3-only field, refused on a v1/v2 run unless at its (v1) default
 _V3_ONLY = {"optimizer": "--optimizer", "warmup_epochs": "--warmup-epochs", "moco_m_cos": "--moco-m-cos",
             "mlp_dim": "--mlp-dim", "stop_grad_conv1": "--stop-grad-conv1", "patch_size": "--patch-size"}
