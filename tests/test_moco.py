@@ -1,5 +1,6 @@
 """MoCo v1/v2 against hand-computed values and an independent transcription of the official code."""
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,6 +30,18 @@ def test_v1_head_is_linear():
     assert isinstance(ours.encoder_q.fc, nn.Linear) and ours.encoder_q.fc.weight.shape == (64, 512)
     assert all(not p.requires_grad for p in ours.encoder_k.parameters())
     assert ours.queue.shape == (64, 128) and torch.allclose(ours.queue.norm(dim=0), torch.ones(128))
+
+
+def test_backbone_config_of_a_mocohub_resnet_name_rebuilds_it_in_plain_timm():
+    ours = MoCo("resnet10t_half", dim=16, K=32, mlp=True).eval()
+    spec = ours.backbone_config()
+    assert (spec["architecture"], spec["num_features"]) == ("resnet10t", 256)
+    plain = timm.create_model(spec["architecture"], num_classes=0, **spec["model_args"]).eval()
+    plain.load_state_dict(ours.backbone_state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), ours.encoder_q.forward_head(ours.encoder_q.forward_features(x),
+                                                                         pre_logits=True))
 
 
 @pytest.mark.parametrize("mlp", [False, True])

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 
 import mocohub
-from mocohub.backbones import create_resnet
+from mocohub.backbones import RESNET_ARCHS, create_resnet
 from mocohub.data.augment import CIFAR_MEAN, CIFAR_STD
 from mocohub.errors import MocohubError
-from mocohub.zoo.formats import detect_format
+from mocohub.zoo.formats import detect_format, infer_resnet_arch
 from mocohub.zoo.pretrained import build_config, write_pretrained
 
 from zoo_layouts import (features, linear_eval, moco_v1v2, moco_v3_resnet, moco_v3_vit, official_v1v2_backbone,
@@ -85,6 +85,26 @@ def test_plain_state_dicts(tmp_path, library):
     model = mocohub.from_pretrained(tmp_path / "plain.pth", num_classes=None)
     assert model.mocohub_config["architecture"] == "resnet34" and model.num_classes == 1000
     assert torch.equal(features(model), features(source.eval()))
+
+
+@pytest.mark.parametrize("arch", RESNET_ARCHS)
+def test_every_resnet_name_is_recognised_from_its_weights_alone(arch):
+    with torch.device("meta"):  # layouts without memory: resnet152 included
+        model = create_resnet(arch)
+    assert infer_resnet_arch(model.state_dict()) == arch
+
+
+def test_resnet10t_half_state_dict_loads_as_timm_resnet10t_with_its_model_args(tmp_path):
+    """A mocohub name timm lacks: the config names the timm architecture and its arguments."""
+    source = create_resnet("resnet10t_half", stem="cifar").eval()
+    assert source.num_features == 256 and source.conv1.out_channels == 32
+    torch.save(source.state_dict(), tmp_path / "half.pth")
+    model = mocohub.from_pretrained(tmp_path / "half.pth")
+    config = model.mocohub_config
+    assert config["architecture"] == "resnet10t" and config["num_features"] == 256
+    assert config["model_args"] == {"channels": [32, 64, 128, 256], "stem_width": 16}
+    assert config["mocohub"]["stem"] == "cifar"
+    assert torch.equal(features(model, size=32), features(source, size=32))
 
 
 def _training_checkpoint(stem: str = "cifar") -> tuple[dict, nn.Module]:

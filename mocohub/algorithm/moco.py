@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import create_resnet
+from ..backbones import create_resnet, resnet_architecture
 from .distributed import concat_all_gather, shuffle_across_ranks, unshuffle
 from .momentum import momentum_update_
 from .split_bn import convert_split_batchnorm
@@ -156,5 +156,6 @@ class MoCo(nn.Module):
         if self.arch is None:
             raise ValueError("MoCo was given a backbone module, so it cannot name its architecture: "
                              "build the export config yourself (zoo.build_config)")
-        return {"architecture": self.arch, "model_args": {}, "num_features": self.encoder_q.num_features,
+        arch, model_args = resnet_architecture(self.arch)
+        return {"architecture": arch, "model_args": model_args, "num_features": self.encoder_q.num_features,
                 "stem": self.stem, "pretrained_cfg": {}}

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import RESNET_ARCHS, create_resnet, create_vit, vit_architecture
+from ..backbones import RESNET_ARCHS, create_resnet, create_vit, resnet_architecture, vit_architecture
 from ..errors import MocohubError
 from .distributed import concat_all_gather, rank
 from .momentum import momentum_update_
@@ -173,7 +173,7 @@ class MoCoV3(nn.Module):
             raise MocohubError("MoCoV3 was given a backbone module, so it cannot name its architecture: "
                                "build the export config yourself (zoo.build_config)")
         if self.projector_name == "fc":
-            arch, model_args = self.arch, dict(self.backbone_args)
+            arch, model_args = resnet_architecture(self.arch, **self.backbone_args)
             layout = {}
         else:
             arch, model_args = vit_architecture(self.arch, **self.backbone_args)

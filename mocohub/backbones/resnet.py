@@ -6,7 +6,7 @@ from typing import Any
 import timm
 import torch.nn as nn
 
-from .names import RESNET_ARCHS, STEMS
+from .names import RESNET_ARCHS, STEMS, resnet_architecture
 
 __all__ = ["RESNET_ARCHS", "STEMS", "create_resnet", "apply_cifar_stem"]
 
@@ -45,8 +45,9 @@ def create_resnet(
         raise ValueError(f"unknown arch {arch!r}; valid ResNet archs: {', '.join(RESNET_ARCHS)}")
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; valid stems: {', '.join(STEMS)}")
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes,
-                              zero_init_last=zero_init_residual, **kwargs)
+    timm_arch, model_args = resnet_architecture(arch, **kwargs)
+    model = timm.create_model(timm_arch, pretrained=False, num_classes=num_classes,
+                              zero_init_last=zero_init_residual, **model_args)
     if stem == "cifar":
         apply_cifar_stem(model)
     return model

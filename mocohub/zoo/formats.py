@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..backbones import RESNET_ARCHS, vit_architecture, vit_args
+from ..backbones import RESNET_ARCHS, resnet_architecture, vit_architecture, vit_args
 from ..data.augment import AUGMENTATIONS
 from ..errors import MocohubError
 from .pretrained import IMAGENET_PRETRAINED_CFG, build_config, pretrained_cfg_for
@@ -34,19 +34,20 @@ StateDict = dict[str, torch.Tensor]
 
 # the query encoder of a pre-training checkpoint -> its format name
 _ENCODERS = {"encoder_q.": "moco-v1/v2", "base_encoder.": "moco-v3"}
-# (block type, blocks per stage, bottleneck width of layer1, groups) -> torchvision/timm name
+# (block type, blocks per stage, bottleneck width of layer1, groups, pooled features) -> mocohub name
 _RESNETS = {
-    ("basic", (2, 2, 2, 2), 64, 1): "resnet18",
-    ("basic", (3, 4, 6, 3), 64, 1): "resnet34",
-    ("bottleneck", (3, 4, 6, 3), 64, 1): "resnet50",
-    ("bottleneck", (3, 4, 23, 3), 64, 1): "resnet101",
-    ("bottleneck", (3, 8, 36, 3), 64, 1): "resnet152",
-    ("bottleneck", (3, 4, 6, 3), 128, 1): "wide_resnet50_2",
-    ("bottleneck", (3, 4, 23, 3), 128, 1): "wide_resnet101_2",
-    ("bottleneck", (3, 4, 6, 3), 128, 32): "resnext50_32x4d",
-    ("bottleneck", (3, 4, 23, 3), 256, 32): "resnext101_32x8d",
-    ("basic", (1, 1, 1, 1), 64, 1): "resnet10t",
-    ("basic", (1, 1, 1, 1), 32, 1): "test_resnet",
+    ("basic", (2, 2, 2, 2), 64, 1, 512): "resnet18",
+    ("basic", (3, 4, 6, 3), 64, 1, 512): "resnet34",
+    ("bottleneck", (3, 4, 6, 3), 64, 1, 2048): "resnet50",
+    ("bottleneck", (3, 4, 23, 3), 64, 1, 2048): "resnet101",
+    ("bottleneck", (3, 8, 36, 3), 64, 1, 2048): "resnet152",
+    ("bottleneck", (3, 4, 6, 3), 128, 1, 2048): "wide_resnet50_2",
+    ("bottleneck", (3, 4, 23, 3), 128, 1, 2048): "wide_resnet101_2",
+    ("bottleneck", (3, 4, 6, 3), 128, 32, 2048): "resnext50_32x4d",
+    ("bottleneck", (3, 4, 23, 3), 256, 32, 2048): "resnext101_32x8d",
+    ("basic", (1, 1, 1, 1), 64, 1, 512): "resnet10t",
+    ("basic", (1, 1, 1, 1), 32, 1, 96): "test_resnet",
+    ("basic", (1, 1, 1, 1), 32, 1, 256): "resnet10t_half",
 }
 _VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 _CONVERT_HINT = ("Load it yourself in an environment you trust, then re-save only the weights: "
@@ -122,12 +123,12 @@ def detect_format(obj: Mapping[str, Any]) -> str:
 
 
 def infer_resnet_arch(sd: Mapping[str, torch.Tensor]) -> str:
-    """The torchvision/timm ResNet name whose layout matches ``sd``."""
+    """The ResNet name (RESNET_ARCHS) whose layout matches ``sd``."""
     blocks = tuple(len({m.group(1) for k in sd if (m := re.match(rf"layer{i}\.(\d+)\.conv1\.weight$", k))})
                    for i in range(1, 5))
     kind = "bottleneck" if "layer1.0.conv3.weight" in sd else "basic"
     conv2 = sd["layer1.0.conv2.weight"]
-    key = (kind, blocks, conv2.shape[0], conv2.shape[0] // conv2.shape[1])
+    key = (kind, blocks, conv2.shape[0], conv2.shape[0] // conv2.shape[1], _num_features(sd))
     if key not in _RESNETS:
         raise MocohubError(f"unsupported ResNet layout {key}; supported: {', '.join(RESNET_ARCHS)}")
     return _RESNETS[key]
@@ -200,7 +201,7 @@ def convert(obj: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) ->
     info.update(meta or {})
 
     if ("conv1.weight" in sd or "conv1.0.weight" in sd) and "layer1.0.conv2.weight" in sd:
-        arch, model_args, classifier = infer_resnet_arch(sd), {}, "fc"
+        (arch, model_args), classifier = resnet_architecture(infer_resnet_arch(sd)), "fc"
         stem = "cifar" if "conv1.weight" in sd and sd["conv1.weight"].shape[-1] == 3 else "imagenet"
         pcfg = dict(IMAGENET_PRETRAINED_CFG)
     elif "cls_token" in sd and "blocks.0.attn.qkv.weight" in sd:
