@@ -14,13 +14,18 @@ after ``--`` go to every candidate's `mocohub train`, after its own (a toy run: 
 
 Run it on each CPU kind (capped to AVX2: ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``) with
 another ``--out``: the precision, hence the step time and the epochs that fit, follow the hardware.
+``--steps`` only times each candidate's MoCo step (its network and batch; 8 BN groups, K 4096, MLP head,
+32 px, ``--precision auto``, random data, the median of 6 steps after 2) and prints the epochs of 50,000 images
+an hour holds: what a candidate costs, in a minute, before an hour is spent on it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_budget, ablation_* beside this script
@@ -48,6 +53,9 @@ CANDIDATES: dict[str, list[str]] = {
     "test_resnet-b128": ["--arch", "test_resnet", "--batch-size", "128", "--mlp", "true", "--moco-t", "0.2"],
     "test_resnet-lr0.06": ["--arch", "test_resnet", "--batch-size", "256", "--mlp", "true", "--moco-t", "0.2",
                            "--lr", "0.06"],
+    # capacity between test_resnet (96 features) and resnet10t (512): resnet10t at half width (256), 1.1-1.3x
+    # test_resnet's step; judged at --budget 30m beside test_resnet (10 minutes favour fast starters)
+    "resnet10t_half": ["--arch", "resnet10t_half", "--batch-size", "256", "--mlp", "true", "--moco-t", "0.2"],
 }
 
 
@@ -67,6 +75,37 @@ def held_out_split(train: Path, dest: Path, hold: int) -> Path:
     return dest
 
 
+def _flag(flags: list[str], name: str, default: str) -> str:
+    return flags[flags.index(name) + 1] if name in flags else default
+
+
+def step_rate(flags: list[str]) -> tuple[float, str]:
+    """Seconds per MoCo step of the candidate with ``flags``, and the precision ``auto`` picked."""
+    import torch
+
+    from mocohub import MoCo
+    from mocohub.precision import autocast, resolve_channels_last, resolve_precision
+
+    precision = resolve_precision("auto", "cpu")[0]
+    layout = torch.channels_last if resolve_channels_last(None, precision) else torch.contiguous_format
+    batch = int(_flag(flags, "--batch-size", "512"))
+    torch.manual_seed(0)
+    model = MoCo(_flag(flags, "--arch", "resnet18"), dim=128, K=4096, m=0.99, T=0.2, mlp=True,
+                 stem=_flag(flags, "--stem", "cifar"), bn_splits=8).to(memory_format=layout)
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.03, momentum=0.9)
+    views = [torch.randn(batch, 3, 32, 32).contiguous(memory_format=layout) for _ in range(2)]
+    times = []
+    for _ in range(8):
+        start = time.perf_counter()
+        with autocast(torch.device("cpu"), precision):
+            loss = model(*views, return_loss=True)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]), precision
+
+
 def _row(name: str, result: dict) -> str:
     plan = result["plan"]
     return (f"| {name} | `{' '.join(CANDIDATES[name])}` | {plan['epochs']} x {plan['steps_per_epoch']:,} steps "
@@ -79,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("/tmp/cpu-recipe"))
     p.add_argument("--budget", default="10m", help="each candidate's --time-budget")
     p.add_argument("--hold", type=int, default=500, help="training images held out per class")
+    p.add_argument("--knn-every", type=int, default=1,
+                   help="the monitor's epochs (every one costs about 25 s on 5,000 images: use 4 for budgets of 30m+)")
     p.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated names of CANDIDATES")
+    p.add_argument("--steps", action="store_true", help="only time each candidate's MoCo step (random data)")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: more mocohub train flags")
     args = p.parse_args(argv)
     extra = [f for f in args.train_flags if f != "--"]
@@ -87,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in chosen if c not in CANDIDATES]
     if unknown:
         p.error(f"unknown candidate(s) {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}")
+    if args.steps:
+        for name in chosen:
+            seconds, precision = step_rate(CANDIDATES[name])
+            batch = int(_flag(CANDIDATES[name], "--batch-size", "512"))
+            print(f"{name}: {seconds:.3f} s/step ({precision}), {batch / seconds:,.0f} img/s, "
+                  f"{3600 * batch / seconds / 50_000:.1f} epochs of 50,000 per hour", flush=True)
+        return 0
     images = prepare_data(args.data, args.out, (None, None))
     select = held_out_split(images.train, args.out / "select", args.hold)
     log = args.out / "choice.jsonl"
@@ -96,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         run = args.out / "runs" / name
         bench_budget.main(["--data", str(select), "--out", str(run), "--budget", args.budget, "--held-out",
-                           "--recipe", "cifar", "--knn-every", "1", "--", *CANDIDATES[name], *extra])
+                           "--recipe", "cifar", "--knn-every", str(args.knn_every), "--", *CANDIDATES[name], *extra])
         result = {"name": name, **json.loads((run / "results.json").read_text())}
         append_jsonl(log, [result])
         done[name] = result

@@ -23,7 +23,7 @@ EXPECTED = {
               "weight_decay": 5e-4, "moco_k": 4096, "moco_m": 0.99, "moco_t": 0.1, "aug": "cifar",
               "image_size": 32},
     # mocohub's CPU recipe (issue 23): the demo's values but the network, batch, lr per image kept, MLP head, T 0.2
-    "cifar-cpu": {**V1, "arch": "test_resnet", "stem": "cifar", "batch_size": 256, "lr": 0.03, "schedule": "cos",
+    "cifar-cpu": {**V1, "arch": "resnet10t_half", "stem": "cifar", "batch_size": 256, "lr": 0.03, "schedule": "cos",
                   "weight_decay": 5e-4, "moco_k": 4096, "moco_m": 0.99, "moco_t": 0.2, "mlp": True, "aug": "cifar",
                   "image_size": 32},
     # MoCo v3 (REFERENCE §1): the released ResNet-50, 100 epochs (--moco-m-cos --crop-min=.2); lr is the base
