@@ -81,6 +81,10 @@ def test_the_start_line_says_the_plan_in_rounded_human_units():
     assert plan_line(plan) == "budget 30 min: 14 epochs of 3,125 steps at 0.12 s/step, kNN every 2 epochs"
     assert plan_line({**plan, "budget_s": 5400, "epochs": 1, "knn_every": None}) == \
         "budget 1 h 30 min: 1 epoch of 3,125 steps at 0.12 s/step"
+    # the one epoch every run trains, past a short budget: 10 s start-up + 3,125 x 0.1234 + 2 + 40 s kNN
+    short = {**plan, "budget_s": 90, "epochs": 1, "knn_every": 1, "fixed_s": 10.0, "epoch_s": 2.0, "knn_s": 40.0}
+    assert plan_line(short) == ("budget 1 min 30 s: 1 epoch of 3,125 steps at 0.12 s/step, kNN every epoch; one epoch "
+                                "takes about 7 min 18 s, longer than the budget (--max-steps N stops after N steps)")
 
 
 def test_epochs_with_a_time_budget_is_refused_before_anything_is_written(data, tmp_path, capsys):

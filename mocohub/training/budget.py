@@ -26,7 +26,7 @@ from .durations import parse_duration
 from .runlog import RunLog
 from .state import saved_plan
 
-__all__ = ["parse_duration", "plan_epochs", "fit_schedule", "probe", "make_plan", "plan_line", "measure_or_fixed",
+__all__ = ["parse_duration", "run_seconds", "plan_epochs", "fit_schedule", "probe", "make_plan", "plan_line", "measure_or_fixed",
            "budget_plan", "DRIFT_MARGIN", "STEP_SECONDS_ENV"]
 
 # Tests only: seconds per step to plan with instead of probing (no probe, no other costs), so that a
@@ -38,13 +38,20 @@ WARMUP_STEPS, TIMED_STEPS, KNN_BATCHES = 2, 5, 2
 DRIFT_MARGIN = 0.05
 
 
+def run_seconds(epochs: int, *, step_s: float, steps_per_epoch: int, epoch_s: float = 0.0, knn_s: float = 0.0,
+                knn_every: int = 1, fixed_s: float = 0.0) -> float:
+    """What ``epochs`` epochs cost, start-up included (``plan_epochs`` says what each term is)."""
+    return fixed_s + epochs * (steps_per_epoch * step_s + epoch_s) + knn_s * math.ceil(epochs / knn_every)
+
+
 def plan_epochs(budget_s: float, *, step_s: float, steps_per_epoch: int, epoch_s: float = 0.0, knn_s: float = 0.0,
                 knn_every: int = 1, fixed_s: float = 0.0) -> int:
     """The most epochs (at least 1) whose steps, epoch starts (``epoch_s`` each) and kNN passes (one
     per ``knn_every`` epochs and one after the last, as the trainer runs them) fit in ``budget_s``
     after ``fixed_s`` (what is spent once: start-up, probe, the first steps' warm-up)."""
     def cost(epochs: int) -> float:
-        return fixed_s + epochs * (steps_per_epoch * step_s + epoch_s) + knn_s * math.ceil(epochs / knn_every)
+        return run_seconds(epochs, step_s=step_s, steps_per_epoch=steps_per_epoch, epoch_s=epoch_s, knn_s=knn_s,
+                           knn_every=knn_every, fixed_s=fixed_s)
     per_epoch = steps_per_epoch * step_s + epoch_s + knn_s / knn_every
     epochs = max(1, int((budget_s - fixed_s) / per_epoch)) if per_epoch > 0 else 1
     while epochs > 1 and cost(epochs) > budget_s:
@@ -161,8 +168,18 @@ def plan_line(plan: dict) -> str:
     """``budget 30 min: 14 epochs of 3,125 steps at 0.12 s/step, kNN every 2 epochs``."""
     knn = plan.get("knn_every")
     every = "" if knn is None else ", kNN every epoch" if knn == 1 else f", kNN every {knn} epochs"
-    return (f"budget {_words(plan['budget_s'])}: {plan['epochs']:,} epoch{'s' * (plan['epochs'] != 1)} of "
+    line = (f"budget {_words(plan['budget_s'])}: {plan['epochs']:,} epoch{'s' * (plan['epochs'] != 1)} of "
             f"{plan['steps_per_epoch']:,} steps at {plan['step_s']:.2g} s/step{every}")
+    if plan["epochs"] > 1:  # the planner fitted them in the budget
+        return line
+    # the one epoch a run always trains may not fit: say so before the user waits past the budget
+    seconds = run_seconds(1, step_s=plan["step_s"], steps_per_epoch=plan["steps_per_epoch"],
+                          epoch_s=plan.get("epoch_s", 0.0), knn_s=plan.get("knn_s", 0.0) if knn else 0.0,
+                          knn_every=knn or 1, fixed_s=plan.get("fixed_s", 0.0))
+    if seconds > plan["budget_s"]:
+        line += (f"; one epoch takes about {_words(seconds)}, longer than the budget "
+                 "(--max-steps N stops after N steps)")
+    return line
 
 
 def measure_or_fixed(trainer: Any) -> dict[str, float] | None:
