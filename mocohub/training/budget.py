@@ -174,8 +174,8 @@ def plan_line(plan: dict) -> str:
         return line
     # the one epoch a run always trains may not fit: say so before the user waits past the budget
     seconds = run_seconds(1, step_s=plan["step_s"], steps_per_epoch=plan["steps_per_epoch"],
-                          epoch_s=plan.get("epoch_s", 0.0), knn_s=plan.get("knn_s", 0.0) if knn else 0.0,
-                          knn_every=knn or 1, fixed_s=plan.get("fixed_s", 0.0))
+                          epoch_s=plan.get("epoch_s", 0.0), knn_s=plan.get("knn_s", 0.0), knn_every=knn or 1,
+                          fixed_s=plan.get("fixed_s", 0.0))
     if seconds > plan["budget_s"]:
         line += (f"; one epoch takes about {_words(seconds)}, longer than the budget "
                  "(--max-steps N stops after N steps)")
