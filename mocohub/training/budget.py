@@ -4,7 +4,9 @@ A short probe times the real step on real batches (after warm-up, loading includ
 monitor's embedding; ``plan_epochs`` (a pure function) turns the times into the most epochs that fit;
 ``fit_schedule`` stretches the recipe's schedule (step milestones, v3 warmup) onto them. The probe
 trains a model that the trainer then builds again from the same random state, so the run is the
-one it would have been without the probe. Rank 0 decides and every rank takes its plan.
+one it would have been without the probe. A few steps of probe err by 4-10 % over an hour on a
+shared machine, so a fresh run re-plans once, about a quarter in, from its own epochs
+(``Replanner``). Rank 0 decides and every rank takes its plan.
 """
 from __future__ import annotations
 
@@ -26,35 +28,45 @@ from .durations import parse_duration
 from .runlog import RunLog
 from .state import saved_plan
 
-__all__ = ["parse_duration", "run_seconds", "plan_epochs", "fit_schedule", "probe", "make_plan", "plan_line", "measure_or_fixed",
-           "budget_plan", "DRIFT_MARGIN", "STEP_SECONDS_ENV"]
+__all__ = ["parse_duration", "run_seconds", "plan_epochs", "fit_schedule", "planned_config", "probe", "make_plan",
+           "plan_line", "measure_or_fixed", "budget_plan", "replan_epoch", "replan", "replan_line", "Replanner",
+           "DRIFT_MARGIN", "REPLAN_SHARE", "STEP_SECONDS_ENV", "EPOCH_SECONDS_ENV"]
 
 # Tests only: seconds per step to plan with instead of probing (no probe, no other costs), so that a
 # test knows the plan in advance.
 STEP_SECONDS_ENV = "MOCOHUB_BUDGET_STEP_SECONDS"
+# Tests only, with STEP_SECONDS_ENV: the seconds each epoch took when the run re-plans (a fake clock;
+# unset, the epochs took what was planned and the plan holds).
+EPOCH_SECONDS_ENV = "MOCOHUB_BUDGET_EPOCH_SECONDS"
 WARMUP_STEPS, TIMED_STEPS, KNN_BATCHES = 2, 5, 2
 # The share of the budget kept back for drift: over an hour on 2 cores the epochs ran 3.7 % slower than
 # the probe's steps (benchmarks/README.md, bench_budget), and a job past its time limit loses its end.
 DRIFT_MARGIN = 0.05
+# Where the one re-plan comes: late enough to time several whole epochs (and kNN cycles), early
+# enough that most of the schedule is still ahead to span the budget.
+REPLAN_SHARE = 0.25
 
 
 def run_seconds(epochs: int, *, step_s: float, steps_per_epoch: int, epoch_s: float = 0.0, knn_s: float = 0.0,
-                knn_every: int = 1, fixed_s: float = 0.0) -> float:
-    """What ``epochs`` epochs cost, start-up included (``plan_epochs`` says what each term is)."""
-    return fixed_s + epochs * (steps_per_epoch * step_s + epoch_s) + knn_s * math.ceil(epochs / knn_every)
+                knn_every: int = 1, fixed_s: float = 0.0, start: int = 0) -> float:
+    """What training epochs ``start`` + 1 to ``epochs`` costs after ``fixed_s`` (``plan_epochs`` says
+    what each term is)."""
+    passes = math.ceil(epochs / knn_every) - start // knn_every
+    return fixed_s + (epochs - start) * (steps_per_epoch * step_s + epoch_s) + knn_s * passes
 
 
 def plan_epochs(budget_s: float, *, step_s: float, steps_per_epoch: int, epoch_s: float = 0.0, knn_s: float = 0.0,
-                knn_every: int = 1, fixed_s: float = 0.0) -> int:
-    """The most epochs (at least 1) whose steps, epoch starts (``epoch_s`` each) and kNN passes (one
-    per ``knn_every`` epochs and one after the last, as the trainer runs them) fit in ``budget_s``
-    after ``fixed_s`` (what is spent once: start-up, probe, the first steps' warm-up)."""
+                knn_every: int = 1, fixed_s: float = 0.0, start: int = 0) -> int:
+    """The most epochs (at least ``start`` + 1) whose steps, epoch starts (``epoch_s`` each) and kNN
+    passes (one per ``knn_every`` epochs and one after the last, as the trainer runs them) fit in
+    ``budget_s`` after ``fixed_s`` (what is spent already or once: start-up, probe, the first steps'
+    warm-up; on a re-plan, the ``start`` epochs trained)."""
     def cost(epochs: int) -> float:
         return run_seconds(epochs, step_s=step_s, steps_per_epoch=steps_per_epoch, epoch_s=epoch_s, knn_s=knn_s,
-                           knn_every=knn_every, fixed_s=fixed_s)
+                           knn_every=knn_every, fixed_s=fixed_s, start=start)
     per_epoch = steps_per_epoch * step_s + epoch_s + knn_s / knn_every
-    epochs = max(1, int((budget_s - fixed_s) / per_epoch)) if per_epoch > 0 else 1
-    while epochs > 1 and cost(epochs) > budget_s:
+    epochs = start + (max(1, int((budget_s - fixed_s) / per_epoch)) if per_epoch > 0 else 1)
+    while epochs > start + 1 and cost(epochs) > budget_s:
         epochs -= 1
     while cost(epochs + 1) <= budget_s:
         epochs += 1
@@ -63,11 +75,27 @@ def plan_epochs(budget_s: float, *, step_s: float, steps_per_epoch: int, epoch_s
 
 def fit_schedule(cfg: TrainConfig, epochs: int) -> TrainConfig:
     """``cfg`` over ``epochs``: step milestones and v3's warmup keep their share of the recipe's run
-    (warmup below the run's length), so the schedule ends at its final value in the last step."""
+    (warmup below the run's length), so the schedule ends at its final value in the last step. Fitting
+    a fitted ``cfg`` again to its own epochs changes nothing."""
     share = epochs / cfg.epochs
     milestones = tuple(sorted({max(1, round(m * share)) for m in cfg.lr_steps}))
     warmup = min(round(cfg.warmup_epochs * share), epochs - 1)
     return replace(cfg, epochs=epochs, lr_steps=milestones, warmup_epochs=warmup)
+
+
+def planned_config(cfg: TrainConfig, plan: dict[str, Any]) -> TrainConfig:
+    """``cfg`` on ``plan``: fitted to the first plan's epochs, then, after a re-plan, the milestones
+    and warmup still ahead of it stretched onto the new epochs (what has passed stays as it was)."""
+    again = plan.get("replan")
+    fitted = fit_schedule(cfg, again["from_epochs"] if again else plan["epochs"])
+    if again:
+        after, share = again["after_epoch"], plan["epochs"] / fitted.epochs
+
+        def ahead(epoch: int) -> int:
+            return epoch if epoch <= after else max(after + 1, round(epoch * share))
+        fitted = replace(fitted, epochs=plan["epochs"], lr_steps=tuple(sorted({ahead(m) for m in fitted.lr_steps})),
+                         warmup_epochs=min(ahead(fitted.warmup_epochs), plan["epochs"] - 1))
+    return replace(fitted, time_budget=plan["budget_s"])
 
 
 def _batches(trainer: Any):
@@ -159,9 +187,11 @@ def make_plan(cfg: TrainConfig, steps_per_epoch: int, measured: dict[str, float]
 
 def _words(seconds: float) -> str:
     """``30 min``, ``1 h 30 min``, ``90 s`` -> ``1 min 30 s``."""
+    if seconds < 10:
+        return f"{seconds:.2g} s"
     s = round(seconds)
     parts = [(s // 3600, "h"), (s % 3600 // 60, "min"), (s % 60, "s")]
-    return " ".join(f"{n} {unit}" for n, unit in parts if n) or f"{seconds:.1f} s"
+    return " ".join(f"{n} {unit}" for n, unit in parts if n)
 
 
 def plan_line(plan: dict) -> str:
@@ -182,22 +212,78 @@ def plan_line(plan: dict) -> str:
     return line
 
 
+def replan_epoch(epochs: int, knn_every: int | None) -> int | None:
+    """The epoch after which a run planned for ``epochs`` re-plans (None: too short to): about
+    ``REPLAN_SHARE`` in, timing the epochs after the first (warm-up, caches) in whole kNN cycles."""
+    every = knn_every or 1
+    after = 1 + every * max(1, round((epochs * REPLAN_SHARE - 1) / every))
+    return after if after < epochs else None
+
+
+def replan(plan: dict[str, Any], *, after_epoch: int, epoch_s: float, elapsed_s: float) -> dict[str, Any]:
+    """``plan`` made again at the end of epoch ``after_epoch``, ``elapsed_s`` into the budget, from what
+    the epochs since the first cost (``epoch_s`` each, their kNN passes included; the last pass can
+    be off by one, which the drift margin holds): the most epochs that fit, at least one more."""
+    steps = plan["steps_per_epoch"]
+    epochs = plan_epochs(plan["budget_s"] * (1 - DRIFT_MARGIN), step_s=epoch_s / steps, steps_per_epoch=steps,
+                         fixed_s=elapsed_s, start=after_epoch)
+    return {**plan, "epochs": epochs, "replan": {"after_epoch": after_epoch, "from_epochs": plan["epochs"],
+                                                 "epoch_s": epoch_s, "elapsed_s": elapsed_s}}
+
+
+def replan_line(plan: dict[str, Any]) -> str:
+    """``re-planned after epoch 9: 1 min 33 s per epoch (probed: 1 min 43 s), 32 epochs in all, not 29``."""
+    again = plan["replan"]
+    probed = plan["steps_per_epoch"] * plan["step_s"] + plan.get("epoch_s", 0.0) + \
+        plan.get("knn_s", 0.0) / (plan.get("knn_every") or 1)
+    epochs = f"{plan['epochs']} epochs in all, not {again['from_epochs']}" if plan["epochs"] != again["from_epochs"] \
+        else f"the plan of {plan['epochs']} epochs holds"
+    return (f"re-planned after epoch {again['after_epoch']}: {_words(again['epoch_s'])} per epoch "
+            f"(probed: {_words(probed)}), {epochs}")
+
+
+class Replanner:
+    """A fresh budgeted run's one re-plan (a resumed run keeps its plan): rank 0 times the epochs
+    after the first on its clock, and every rank takes its plan."""
+
+    def __init__(self, plan: dict[str, Any], started: float, rt: Any):
+        self.plan, self.started, self.rt = plan, started, rt
+        self.after = replan_epoch(plan["epochs"], plan["knn_every"])
+        self.first_end = 0.0
+
+    def epoch_end(self, epoch: int) -> dict[str, Any] | None:
+        """After ``epoch`` (its kNN pass done, every rank): the new plan when it is time, else None."""
+        if epoch == 1:
+            self.first_end = time.monotonic()
+        if epoch != self.after:
+            return None
+        return self.rt.broadcast(self._replan(epoch) if self.rt.main else None)
+
+    def _replan(self, epoch: int) -> dict[str, Any]:
+        if os.environ.get(STEP_SECONDS_ENV):  # the tests' fake clock
+            epoch_s = float(os.environ.get(EPOCH_SECONDS_ENV) or self.plan["steps_per_epoch"] * self.plan["step_s"])
+            return replan(self.plan, after_epoch=epoch, epoch_s=epoch_s, elapsed_s=epoch * epoch_s)
+        now = time.monotonic()
+        return replan(self.plan, after_epoch=epoch, epoch_s=(now - self.first_end) / (epoch - 1),
+                      elapsed_s=now - self.started)
+
+
 def measure_or_fixed(trainer: Any) -> dict[str, float] | None:
     """The probe's times, or None where the test hook fixes the step time."""
     return None if os.environ.get(STEP_SECONDS_ENV) else probe(trainer)
 
 
-def budget_plan(trainer: Any, cfg: TrainConfig, started: float) -> dict[str, Any]:
+def budget_plan(trainer: Any, cfg: TrainConfig, started: float) -> tuple[dict[str, Any], Replanner | None]:
     """``--time-budget``: the checkpoint's plan when resuming (the run keeps its epochs), else
     rank 0's from a probe of this run's own step, on a model built again afterwards from the
-    same random state (the run is the one it would have been without the probe)."""
+    same random state (the run is the one it would have been without the probe), and its re-plan."""
     resume = Path(cfg.resume) if cfg.resume else None if cfg.restart else trainer.folder.checkpoint
     plan = saved_plan(resume) if resume else None
     if plan is not None:
         if plan["budget_s"] != cfg.time_budget and trainer.rt.main:
             tqdm.write(f"resuming a run that keeps its plan ({plan_line(plan)}): --time-budget "
                        f"{cfg.time_budget:g} s is ignored")
-        return plan
+        return plan, None
     rng, built = rng_state(), time.monotonic()
     trainer._build(cfg)
     build_s = time.monotonic() - built
@@ -206,4 +292,5 @@ def budget_plan(trainer: Any, cfg: TrainConfig, started: float) -> dict[str, Any
     now = time.monotonic()  # the start-up so far, and the second build to come
     plan = make_plan(cfg, trainer.sampler.steps, measured,
                      spent_s=now - started + build_s, probe_s=now - built)
-    return trainer.rt.broadcast(plan if trainer.rt.main else None)
+    plan = trainer.rt.broadcast(plan if trainer.rt.main else None)
+    return plan, Replanner(plan, started, trainer.rt)

@@ -15,7 +15,19 @@ import torch
 from .. import __version__
 from ..fileio import atomic_write
 
-__all__ = ["read_record", "write_record", "start_lines"]
+__all__ = ["run_record", "read_record", "write_record", "start_lines"]
+
+
+def run_record(trainer: Any) -> dict[str, Any]:
+    """The choices ``trainer`` (a ``Trainer``) made at start, and its ``--time-budget`` plan."""
+    t = trainer
+    return {"precision": t.precision, "precision_why": t.precision_why,
+            "memory_format": "channels-last" if t.channels_last else "NCHW",
+            "device": str(t.rt.device), "device_type": t.rt.device.type, "world_size": t.rt.world,
+            "workers": t.input.workers, "aug_impl": t.input.aug_impl, "aug_device": str(t.input.aug_device),
+            "bn_splits": t.bn_splits, "steps_per_epoch": t.sampler.steps, "images": len(t.input.dataset),
+            "cache_images": t.cfg.cache_images, "image_cache": t.input.dataset.cache_note,
+            "moco_version": t.cfg.moco_version, "recipe": t.cfg.recipe, "plan": t.plan}
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:

@@ -9,7 +9,6 @@ the MoCo paper: per batch, two views, a step of the encoder, the momentum update
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,13 @@ from ..precision import autocast, resolve_channels_last, resolve_precision
 from ..run_folder import OUTPUTS, RunFolder
 from ..zoo.pretrained import build_config, write_pretrained
 from .algorithms import build_algorithm
-from .budget import budget_plan, fit_schedule, plan_line
+from .budget import budget_plan, plan_line, planned_config, replan_line
 from .config import TrainConfig
 from .meter import EpochSums, StepMeter, epoch_line
 from .microbatch import micro_step
 from .monitor import sharded_knn
 from .pipeline import InputPipeline
-from .record import start_lines, write_record
+from .record import run_record, start_lines, write_record
 from .runlog import RunLog
 from .run_dir import RunLock, fresh_run_dir, prepare_run_dir, set_aside
 from .runtime import Runtime
@@ -64,9 +63,9 @@ class Trainer:
                                    barrier=rt.barrier if rt.world > 1 else None)
         self.sampler = ResumableSampler(len(self.input.dataset), cfg.batch_size, num_replicas=rt.world,
                                         rank=rt.rank, seed=cfg.seed)
-        self.plan = budget_plan(self, cfg, started) if cfg.time_budget is not None else None
+        self.plan, self.replanner = budget_plan(self, cfg, started) if cfg.time_budget is not None else (None, None)
         if self.plan is not None:
-            cfg = self.cfg = replace(fit_schedule(cfg, self.plan["epochs"]), time_budget=self.plan["budget_s"])
+            cfg = self.cfg = planned_config(cfg, self.plan)
         self._build(cfg)
         self.state = TrainState(cfg, self.algo, self.scaler, world=rt.world, data_id=self.input.fingerprint,
                                 steps_per_epoch=self.sampler.steps, plan=self.plan)
@@ -110,24 +109,12 @@ class Trainer:
             if sums is not None:
                 self.log.trim(self.state.global_step, self.state.epoch)
                 tqdm.write(f"resumed from {resume} at epoch {self.state.epoch}, step {self.state.step_in_epoch}")
-            write_record(self.folder.record, self.record)
+            write_record(self.folder.record, run_record(self))
         self.meter = StepMeter(rt, self.log, log_every=cfg.log_every, steps_per_epoch=self.sampler.steps,
                                images_per_step=cfg.batch_size, listed_non_images=len(self.input.dataset.skipped),
                                progress=cfg.progress)
         self.resumed_sums = sums or EpochSums()
         rt.barrier()  # rank 0 has set the folder up (or refused) before anyone trains
-
-    @property
-    def record(self) -> dict[str, Any]:
-        """The choices made at start (RUN_DIR/run.json)."""
-        return {"precision": self.precision, "precision_why": self.precision_why,
-                "memory_format": "channels-last" if self.channels_last else "NCHW",
-                "device": str(self.rt.device), "device_type": self.rt.device.type, "world_size": self.rt.world,
-                "workers": self.input.workers, "aug_impl": self.input.aug_impl,
-                "aug_device": str(self.input.aug_device), "bn_splits": self.bn_splits,
-                "steps_per_epoch": self.sampler.steps, "images": len(self.input.dataset),
-                "cache_images": self.cfg.cache_images, "image_cache": self.input.dataset.cache_note,
-                "moco_version": self.cfg.moco_version, "recipe": self.cfg.recipe, "plan": self.plan}
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self, im_q: torch.Tensor, im_k: torch.Tensor, m: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,9 +160,9 @@ class Trainer:
 
     def fit(self) -> Path:
         """Train to ``cfg.epochs`` (or ``max_steps``), checkpointing each epoch; export the backbone."""
-        cfg, state, metrics = self.cfg, self.state, {}
+        cfg, state, metrics = self.cfg, self.state, {}  # a re-plan changes self.cfg's epochs (``_replan``)
         if self.rt.main:
-            for line in start_lines(self.record, summary=self.algo.summary, batch_norm=self.algo.batch_norm,
+            for line in start_lines(run_record(self), summary=self.algo.summary, batch_norm=self.algo.batch_norm,
                                     arch=cfg.arch, data=cfg.data, image_size=cfg.image_size,
                                     batch_size=cfg.batch_size, run_dir=self.folder.root) + self.input.checks.lines:
                 tqdm.write(line)
@@ -189,12 +176,14 @@ class Trainer:
                         break
                     row = self.meter.end_epoch()
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
-                    if cfg.val and (state.epoch % cfg.knn_every == 0 or state.epoch == cfg.epochs):
+                    if cfg.val and (state.epoch % cfg.knn_every == 0 or state.epoch == self.cfg.epochs):
                         metrics = self._knn()
                         row.update(metrics)
                     if self.rt.main:
                         self.log.log_epoch(row)
-                        tqdm.write(epoch_line(row, cfg.epochs))
+                        tqdm.write(epoch_line(row, self.cfg.epochs))
+                    if self.replanner and (plan := self.replanner.epoch_end(state.epoch)):
+                        self._replan(plan)
                     # The row first, then the checkpoint: a kill between them resumes from the previous
                     # checkpoint, which trims the row and writes it again; the other order lost it.
                     self._save(EpochSums())
@@ -206,6 +195,16 @@ class Trainer:
             return out
         finally:
             self.close()
+
+    def _replan(self, plan: dict[str, Any]) -> None:
+        """The budget's epochs made again from the run's own (``budget.Replanner``), kept by run.json
+        and the checkpoints: the schedules span them from the next step on."""
+        self.plan = self.state.plan = plan
+        self.cfg = self.state.cfg = planned_config(self.cfg, plan)
+        self.algo.reschedule(self.cfg, self.sampler.steps)
+        if self.rt.main:
+            write_record(self.folder.record, run_record(self))
+            tqdm.write(replan_line(plan))
 
     def _save(self, sums: EpochSums) -> None:
         if self.rt.main:
