@@ -29,24 +29,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mocohub from thi
 from ablation_data import prepare_data  # noqa: E402
 from ablation_report import machine  # noqa: E402
 
-from mocohub.backbones import create_resnet  # noqa: E402
 from mocohub.evaluation.knn import folder_knn_top1  # noqa: E402
 from mocohub.jsonlog import read_jsonl  # noqa: E402
 from mocohub.run_folder import RunFolder  # noqa: E402
 from mocohub.training.record import read_record  # noqa: E402
 from mocohub.zoo import from_pretrained  # noqa: E402
+from mocohub.zoo.pretrained import build_model  # noqa: E402
 
 # GPU results for scale (kNN top-1 on CIFAR-10 test, ResNet-18, 200 epochs)
 GPU_REFERENCES = {"official MoCo CIFAR-10 demo (V100, ~67 min)": 82.6, "lightly MoCo v2 (112 min)": 84.7}
 
 
-@torch.no_grad()
-def random_baseline(trained: torch.nn.Module, train: Path, val: Path, arch: str, stem: str) -> float:
-    """kNN top-1 of the trained network's architecture, randomly initialised, BN fitted."""
+def random_twin(trained: torch.nn.Module) -> torch.nn.Module:
+    """The trained network's architecture (its config's timm name, ``model_args`` and stem: a
+    mocohub name such as resnet10t_half is timm's resnet10t with narrower channels), untrained."""
     torch.manual_seed(0)
-    model = create_resnet(arch, stem=stem)
-    model.pretrained_cfg = trained.pretrained_cfg
-    return folder_knn_top1(model, train, val, fit_bn=True)
+    return build_model(trained.mocohub_config)
+
+
+@torch.no_grad()
+def random_baseline(trained: torch.nn.Module, train: Path, val: Path) -> float:
+    """kNN top-1 of the trained network's architecture, randomly initialised, BN fitted."""
+    return folder_knn_top1(random_twin(trained), train, val, fit_bn=True)
 
 
 def plot(curve: list[dict], random_top1: float | None, trained_top1: float, title: str, out: Path,
@@ -98,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     record, curve = read_record(RunFolder(run).record), read_jsonl(RunFolder(run).metrics)
     trained = from_pretrained(str(run / "backbone"))
     trained_top1 = folder_knn_top1(trained, images.train, images.val)
-    config = json.loads((run / "backbone" / "config.json").read_text())
-    random_top1 = None if args.held_out else random_baseline(
-        trained, images.train, images.val, config["architecture"], config.get("model_args", {}).get("stem", "cifar"))
+    random_top1 = None if args.held_out else random_baseline(trained, images.train, images.val)
     plan = record["plan"]
     result = {"budget": args.budget, "wall_s": round(wall_s, 1), "plan": plan, "images": images.n_train,
               "test_images": images.n_val, "knn_top1_backbone": round(trained_top1, 2),

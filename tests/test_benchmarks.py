@@ -43,3 +43,23 @@ def test_bench_load_compares_from_pretrained_with_torch_load():
     assert re.search(r"^torch\.load \+ torchvision resnet50\(\) \+ load_state_dict\s+\d+\.\d ms", out, re.M)
     assert re.search(r"^mocohub\.from_pretrained\(saved folder\)\s+\d+\.\d ms", out, re.M)
     assert re.search(r"^ratio \(baseline / mocohub\): x\d+\.\d\d$", out, re.M)
+
+
+def test_bench_budget_baseline_is_the_trained_networks_architecture_untrained(tmp_path):
+    """resnet10t_half exports as timm's resnet10t with narrower channels: its random baseline must
+    be that network (a full-width resnet10t once stood in for it), with fresh weights."""
+    import torch
+
+    import mocohub
+    from mocohub.backbones import create_resnet
+    sys.path.insert(0, str(BENCHMARKS))
+    from bench_budget import random_twin
+
+    source = create_resnet("resnet10t_half", stem="cifar")
+    torch.save(source.state_dict(), tmp_path / "half.pth")
+    trained = mocohub.from_pretrained(tmp_path / "half.pth")
+    twin = random_twin(trained)
+    shapes = {k: v.shape for k, v in trained.state_dict().items()}
+    assert {k: v.shape for k, v in twin.state_dict().items()} == shapes and twin.num_features == 256
+    assert twin.conv1.stride == trained.conv1.stride == (1, 1)  # the CIFAR stem
+    assert not torch.equal(twin.conv1.weight, trained.conv1.weight)
