@@ -28,7 +28,7 @@ from .durations import parse_duration
 from .runlog import RunLog
 from .state import saved_plan
 
-__all__ = ["parse_duration", "run_seconds", "plan_epochs", "fit_schedule", "planned_config", "probe", "make_plan",
+__all__ = ["parse_duration", "epoch_seconds", "run_seconds", "plan_epochs", "fit_schedule", "planned_config", "probe", "make_plan",
            "plan_line", "measure_or_fixed", "budget_plan", "replan_epoch", "replan", "replan_line", "Replanner",
            "DRIFT_MARGIN", "REPLAN_SHARE", "STEP_SECONDS_ENV", "EPOCH_SECONDS_ENV"]
 
@@ -45,6 +45,12 @@ DRIFT_MARGIN = 0.05
 # Where the one re-plan comes: late enough to time several whole epochs (and kNN cycles), early
 # enough that most of the schedule is still ahead to span the budget.
 REPLAN_SHARE = 0.25
+
+
+def epoch_seconds(*, step_s: float, steps_per_epoch: int, epoch_s: float = 0.0, knn_s: float = 0.0,
+                  knn_every: int = 1) -> float:
+    """One epoch's share of the run: its steps, its start and end, and its part of the kNN passes."""
+    return steps_per_epoch * step_s + epoch_s + knn_s / knn_every
 
 
 def run_seconds(epochs: int, *, step_s: float, steps_per_epoch: int, epoch_s: float = 0.0, knn_s: float = 0.0,
@@ -64,7 +70,8 @@ def plan_epochs(budget_s: float, *, step_s: float, steps_per_epoch: int, epoch_s
     def cost(epochs: int) -> float:
         return run_seconds(epochs, step_s=step_s, steps_per_epoch=steps_per_epoch, epoch_s=epoch_s, knn_s=knn_s,
                            knn_every=knn_every, fixed_s=fixed_s, start=start)
-    per_epoch = steps_per_epoch * step_s + epoch_s + knn_s / knn_every
+    per_epoch = epoch_seconds(step_s=step_s, steps_per_epoch=steps_per_epoch, epoch_s=epoch_s, knn_s=knn_s,
+                              knn_every=knn_every)
     epochs = start + (max(1, int((budget_s - fixed_s) / per_epoch)) if per_epoch > 0 else 1)
     while epochs > start + 1 and cost(epochs) > budget_s:
         epochs -= 1
@@ -234,8 +241,9 @@ def replan(plan: dict[str, Any], *, after_epoch: int, epoch_s: float, elapsed_s:
 def replan_line(plan: dict[str, Any]) -> str:
     """``re-planned after epoch 9: 1 min 33 s per epoch (probed: 1 min 43 s), 32 epochs in all, not 29``."""
     again = plan["replan"]
-    probed = plan["steps_per_epoch"] * plan["step_s"] + plan.get("epoch_s", 0.0) + \
-        plan.get("knn_s", 0.0) / (plan.get("knn_every") or 1)
+    probed = epoch_seconds(step_s=plan["step_s"], steps_per_epoch=plan["steps_per_epoch"],
+                           epoch_s=plan.get("epoch_s", 0.0), knn_s=plan.get("knn_s", 0.0),
+                           knn_every=plan.get("knn_every") or 1)
     epochs = f"{plan['epochs']} epochs in all, not {again['from_epochs']}" if plan["epochs"] != again["from_epochs"] \
         else f"the plan of {plan['epochs']} epochs holds"
     return (f"re-planned after epoch {again['after_epoch']}: {_words(again['epoch_s'])} per epoch "
